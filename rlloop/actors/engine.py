@@ -1,0 +1,220 @@
+"""GenerationEngine: a Ray actor hosting one vLLM AsyncLLM (which may itself use TP > 1)
+whose weights are replaced in flight.
+
+An update never stops a request: the scheduler is paused with mode="keep" (requests
+stay where they are, KV cache kept), the new weights are received and loaded by every
+worker, and the scheduler resumes. Requests simply continue on the new version.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from rlloop.weights.group import WeightGroupConfig
+from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest, pack, validate_request
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local HF directory (config + tokenizer; weights unless load_format="dummy")
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.15  # on CPU: the fraction of RAM for the KV cache
+    max_model_len: int = 512
+    max_num_seqs: int = 64
+    seed: int = 0
+    load_format: str = "auto"
+    enforce_eager: bool = True
+    receive_mode: str = "auto"  # see rlloop.weights.receiver
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ignore_eos: bool = False
+    logprobs: bool = True
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt: str | list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # of each sampled token under the weights that sampled it
+    finish_reason: str | None
+    version_start: int  # weight version when the request was admitted
+    version_end: int  # weight version when it finished
+
+
+@dataclass
+class UpdateStats:
+    version: int
+    mode: str
+    bytes: int
+    pause_ms: float  # generation stall: pause .. resume
+    receive_ms: float  # receive + load on the workers (slowest worker)
+    total_ms: float
+    gbps: float
+
+
+@dataclass
+class EngineStats:
+    version: int = 0
+    updates: int = 0
+    rejected_updates: int = 0
+    requests_done: int = 0
+    tokens_generated: int = 0
+    in_flight: int = 0
+    last_update: dict = field(default_factory=dict)
+
+
+class GenerationEngine:
+    """Use as `ray.remote(GenerationEngine)` (see `engine_actor`); methods are async."""
+
+    def __init__(self, config: EngineConfig):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from rlloop.models.schema import checkpoint_schema
+        from rlloop.weights.protocol import DTYPES
+
+        self.config = config
+        args = AsyncEngineArgs(
+            model=config.model, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, seed=config.seed, load_format=config.load_format,
+            enforce_eager=config.enforce_eager, enable_prefix_caching=False,
+            worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
+        self.stats_ = EngineStats()
+        self._update_lock = asyncio.Lock()
+
+    async def ready(self) -> dict:
+        return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version}
+
+    # --- generation -------------------------------------------------------------------
+
+    def _params(self, s: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                              ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+                              seed=s.seed)
+
+    async def _run(self, prompt, sampling: Sampling):
+        params = self._params(sampling)
+        engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+        start = self.stats_.version
+        self.stats_.in_flight += 1
+        try:
+            async for out in self.llm.generate(engine_prompt, params, request_id=uuid.uuid4().hex):
+                yield out, start
+        finally:
+            self.stats_.in_flight -= 1
+
+    def _generation(self, prompt, out, start: int) -> Generation:
+        c = out.outputs[0]
+        lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if c.logprobs else []
+        return Generation(prompt, list(c.token_ids), c.text, lps, c.finish_reason,
+                          start, self.stats_.version)
+
+    async def generate_one(self, prompt: str | list[int], sampling: Sampling) -> Generation:
+        final = None
+        async for out, start in self._run(prompt, sampling):
+            final = (out, start)
+        gen = self._generation(prompt, *final)
+        self.stats_.requests_done += 1
+        self.stats_.tokens_generated += len(gen.token_ids)
+        return gen
+
+    async def generate(self, prompts: list, sampling: Sampling | None = None) -> list[Generation]:
+        sampling = sampling or Sampling()
+        return list(await asyncio.gather(*(self.generate_one(p, sampling) for p in prompts)))
+
+    async def generate_stream(self, prompt: str | list[int], sampling: Sampling | None = None):
+        """Yields (new token ids, weight version) as tokens arrive, then the Generation."""
+        sampling = sampling or Sampling()
+        seen = 0
+        last = None
+        async for out, start in self._run(prompt, sampling):
+            ids = out.outputs[0].token_ids
+            if len(ids) > seen:
+                yield list(ids[seen:]), self.stats_.version
+                seen = len(ids)
+            last = (out, start)
+        self.stats_.requests_done += 1
+        self.stats_.tokens_generated += seen
+        yield self._generation(prompt, *last)
+
+    # --- weights ----------------------------------------------------------------------
+
+    async def init_weight_group(self, cfg: WeightGroupConfig, rank_offset: int) -> list[int]:
+        """Join the weight group: worker w of this engine becomes rank rank_offset + w."""
+        return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset))
+
+    async def leave_weight_group(self) -> None:
+        await self.llm.collective_rpc("rl_leave_weight_group")
+
+    def check_update(self, request: WeightUpdateRequest) -> None:
+        """Raise WeightUpdateError if `request` does not fit this model. Changes nothing."""
+        try:
+            validate_request(request, self.schema, self.stats_.version)
+        except WeightUpdateError:
+            self.stats_.rejected_updates += 1
+            raise
+
+    async def prepare_update(self, request: WeightUpdateRequest) -> str:
+        """Validate, then let every worker build its buffers for this plan (once per
+        plan, outside any pause). Returns the receive mode the workers chose."""
+        self.check_update(request)
+        modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), self.config.receive_mode))
+        return modes[0]
+
+    async def update_weights(self, request: WeightUpdateRequest) -> UpdateStats:
+        """Receive `request` from the sender (who broadcasts concurrently) and load it,
+        pausing generation only for the transfer. Call `prepare_update` first: a request
+        that does not fit is rejected there, before the sender starts."""
+        async with self._update_lock:
+            self.check_update(request)
+            t0 = time.perf_counter()
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            t1 = time.perf_counter()
+            try:
+                results = await self.llm.collective_rpc(
+                    "rl_receive", args=(pack(request), self.config.receive_mode))
+                self.stats_.version = request.version
+            finally:
+                await self.llm.resume_generation()
+            t2 = time.perf_counter()
+            nbytes = request.plan.total_bytes
+            receive_ms = max(r["worker_ms"] for r in results)
+            stats = UpdateStats(
+                version=request.version, mode=results[0]["mode"], bytes=nbytes,
+                pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
+                gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0)
+            self.stats_.updates += 1
+            self.stats_.last_update = asdict(stats)
+            return stats
+
+    async def receive_raw(self, request: WeightUpdateRequest) -> dict:
+        """Receive the plan's bytes without loading them (benchmark floor); no pause."""
+        results = await self.llm.collective_rpc(
+            "rl_receive", args=(pack(request), self.config.receive_mode), kwargs={"load": False})
+        return results[0]
+
+    def version(self) -> int:
+        return self.stats_.version
+
+    def stats(self) -> dict:
+        return asdict(self.stats_)
+
+    async def shutdown(self) -> None:
+        self.llm.shutdown()

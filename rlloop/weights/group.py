@@ -1,0 +1,65 @@
+"""The weight group: a side process group between one sender (rank 0) and every
+engine worker (ranks 1..N), independent of any torch.distributed default group.
+
+It uses vLLM's stateless process-group helper so it can coexist with vLLM's own
+tensor-parallel group and with the learner's megatron groups in the same process.
+"""
+from __future__ import annotations
+
+import inspect
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightGroupConfig:
+    host: str
+    port: int
+    world_size: int  # 1 sender + the total TP size of all engines
+    backend: str  # "gloo" on CPU, "nccl" on GPU
+    timeout_s: float = 120.0
+
+
+class WeightGroupTimeout(TimeoutError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join_weight_group(cfg: WeightGroupConfig, rank: int):
+    """Join the group as `rank`; every member must call this within cfg.timeout_s."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    kwargs = {}
+    # vLLM 0.32 takes a timeout; 0.26 only its environment default. Both honour the
+    # TCPStore rendezvous timeout below.
+    if "timeout" in inspect.signature(stateless_init_torch_distributed_process_group).parameters:
+        kwargs["timeout"] = timedelta(seconds=cfg.timeout_s)
+    try:
+        return stateless_init_torch_distributed_process_group(
+            cfg.host, cfg.port, rank, cfg.world_size, cfg.backend, **kwargs
+        )
+    except Exception as e:  # torch raises DistStoreError / RuntimeError on timeouts
+        raise WeightGroupTimeout(
+            f"weight group {cfg.host}:{cfg.port} rank {rank}/{cfg.world_size} did not "
+            f"form within {cfg.timeout_s:.0f}s ({type(e).__name__}: {e})"
+        ) from e
+
+
+def broadcast_async(group, tensor: torch.Tensor):
+    """Start a broadcast from rank 0 of the weight group; returns the Work handle."""
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    return group.broadcast([tensor], opts)

@@ -1,0 +1,188 @@
+"""The weight-update protocol as plain data, shared by the sending and receiving side.
+
+A sender (the learner, a benchmark, a test) and the receivers (vLLM workers) agree on
+an `UpdatePlan`: which tensors travel, in HF checkpoint names, and where each one
+sits inside a few large flat byte buckets. The plan is computed once per model and
+reused every step; a `WeightUpdateRequest` only adds the version and the learner's
+tensor-parallel coordinates. Receivers cache everything they derive from a plan under
+`plan.key`, so no metadata is rebuilt per step.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+
+# Offsets inside a bucket are aligned so every view is aligned for its dtype and for
+# vectorised copies.
+ALIGN_BYTES = 256
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class WeightUpdateError(ValueError):
+    """An update request that does not fit the receiving model; nothing was changed."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise WeightUpdateError(f"unsupported dtype {dtype}; supported: {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One tensor as it appears in an HF checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    """Where parameter `param` (an index into `UpdatePlan.params`) lies in a bucket."""
+
+    param: int
+    offset: int  # in bytes from the start of the bucket
+
+
+@dataclass(frozen=True)
+class Bucket:
+    nbytes: int
+    entries: tuple[BucketEntry, ...]
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    params: tuple[ParameterInfo, ...]
+    buckets: tuple[Bucket, ...]
+    key: str = field(default="")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+    @property
+    def bucket_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+
+@dataclass(frozen=True)
+class WeightUpdateRequest:
+    """One in-flight update: the weights of `version`, laid out as `plan`.
+
+    `tp_rank`/`tp_size` name the learner tensor-parallel rank that sends it; a full
+    (unsharded) update is tp_rank=0, tp_size=1.
+    """
+
+    version: int
+    plan: UpdatePlan
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+def make_plan(params: list[ParameterInfo], bucket_bytes: int = 512 << 20) -> UpdatePlan:
+    """Pack `params`, in the given order, into buckets of at most `bucket_bytes`.
+
+    Order is kept so a layer's tensors stay together (the receiver loads as buckets
+    arrive). A tensor larger than `bucket_bytes` gets a bucket of its own.
+    """
+    if not params:
+        raise WeightUpdateError("an update plan needs at least one parameter")
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise WeightUpdateError("duplicate parameter names in plan")
+    for p in params:
+        if p.dtype not in DTYPES:
+            raise WeightUpdateError(f"{p.name}: unsupported dtype {p.dtype!r}")
+    buckets: list[Bucket] = []
+    entries: list[BucketEntry] = []
+    used = 0
+    for i, p in enumerate(params):
+        if entries and used + p.nbytes > bucket_bytes:
+            buckets.append(Bucket(used, tuple(entries)))
+            entries, used = [], 0
+        entries.append(BucketEntry(i, used))
+        used = _align(used + p.nbytes)
+    buckets.append(Bucket(used, tuple(entries)))
+    digest = hashlib.sha1(repr((tuple(params), tuple(buckets))).encode()).hexdigest()[:16]
+    return UpdatePlan(tuple(params), tuple(buckets), key=digest)
+
+
+def parameter_infos(named_tensors) -> list[ParameterInfo]:
+    """`ParameterInfo`s for (name, tensor) pairs, e.g. a model's named_parameters()."""
+    return [ParameterInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named_tensors]
+
+
+def validate_request(
+    request: WeightUpdateRequest,
+    schema: dict[str, ParameterInfo],
+    current_version: int,
+) -> None:
+    """Raise WeightUpdateError unless `request` fits the model described by `schema`.
+
+    `schema` holds every tensor of the model's checkpoint, tied aliases such as
+    lm_head.weight included: vLLM on CPU keeps a separately packed copy of a tied
+    lm_head, which only a tensor sent under that name refreshes.
+    """
+    if request.version <= current_version:
+        raise WeightUpdateError(
+            f"stale update: version {request.version} <= current version {current_version}"
+        )
+    if request.tp_size != 1 or request.tp_rank != 0:
+        raise WeightUpdateError(
+            "engines take full (unsharded) checkpoint tensors: expected tp_rank=0, "
+            f"tp_size=1, got tp_rank={request.tp_rank}, tp_size={request.tp_size}"
+        )
+    problems: list[str] = []
+    sent = set()
+    for p in request.plan.params:
+        sent.add(p.name)
+        want = schema.get(p.name)
+        if want is None:
+            problems.append(f"unknown parameter {p.name!r}")
+            continue
+        if tuple(p.shape) != tuple(want.shape):
+            problems.append(f"{p.name}: shape {tuple(p.shape)} != model's {tuple(want.shape)}")
+        if p.dtype != want.dtype:
+            problems.append(f"{p.name}: dtype {p.dtype} != model's {want.dtype}")
+    missing = sorted(set(schema) - sent)
+    if missing:
+        problems.append(f"missing {len(missing)} parameter(s), e.g. {missing[:3]}")
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise WeightUpdateError(f"update v{request.version} rejected: {shown}{more}")
+
+
+def pack(obj) -> bytes:
+    """vLLM's collective_rpc msgpack-encodes its arguments, turning dataclasses into
+    dicts; protocol objects cross it pickled."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes):
+    return pickle.loads(data)

@@ -1,0 +1,160 @@
+"""The receiving side: a vLLM worker extension (pass its qualified name as
+`worker_extension_cls`), so these methods run inside every vLLM worker and are called
+through `collective_rpc`.
+
+Two ways to land an update, chosen once per plan:
+- "direct": bucket slices are copied straight into vLLM's parameter storage (see
+  layout.py). Two bucket buffers alternate, so receiving bucket i+1 overlaps the copy
+  out of bucket i. No load_weights call, no metadata built per step.
+- "checkpoint": the general path (repacked CPU weights, quantised models): all buckets
+  are received asynchronously into persistent buffers while vLLM's own
+  `reload_weights(is_checkpoint_format=True)` consumes them in arrival order.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .group import WeightGroupConfig, broadcast_async, join_weight_group
+from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
+from .protocol import WeightUpdateRequest, unpack
+
+RECEIVE_MODES = ("auto", "direct", "checkpoint")
+
+
+class _PlanState:
+    """What a worker derives from one plan, once: buffers and, for direct mode, copies."""
+
+    def __init__(self, mode: str, buffers: list[torch.Tensor], copies, reason: str = ""):
+        self.mode = mode
+        self.buffers = buffers
+        self.copies = copies
+        self.reason = reason
+
+
+class WeightReceiver:
+    """Mixed into vLLM's Worker class; `self.model_runner` and `self.device` are vLLM's."""
+
+    def rl_join_weight_group(self, cfg: bytes, rank_offset: int) -> int:
+        from vllm.distributed.parallel_state import get_world_group
+
+        cfg: WeightGroupConfig = unpack(cfg)
+        rank = rank_offset + get_world_group().rank_in_group
+        self._rl_group = join_weight_group(cfg, rank)
+        self._rl_plans: dict[str, _PlanState] = {}
+        return rank
+
+    def rl_leave_weight_group(self) -> None:
+        group = getattr(self, "_rl_group", None)
+        if group is not None:
+            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+            stateless_destroy_torch_distributed_process_group(group)
+        self._rl_group = None
+        self._rl_plans = {}
+
+    def rl_prepare(self, request: bytes, mode: str = "auto") -> str:
+        """Build (once per plan) this worker's buffers and copy plan; returns the mode."""
+        return self._rl_plan_state(unpack(request), mode).mode
+
+    def rl_receive(self, request: bytes, mode: str = "auto", load: bool = True) -> dict:
+        """Receive one update from rank 0 and load it. `load=False` only receives the
+        bytes (the benchmark's floor). Returns timings in ms, measured on this worker."""
+        request: WeightUpdateRequest = unpack(request)
+        state = self._rl_plan_state(request, mode)
+        plan = request.plan
+        t0 = time.perf_counter()
+        if not load:
+            for i, b in enumerate(plan.buckets):
+                broadcast_async(self._rl_group, state.buffers[i % len(state.buffers)][:b.nbytes]).wait()
+        elif state.mode == "direct":
+            self._rl_receive_direct(request, state)
+        else:
+            self._rl_receive_checkpoint(request, state)
+        _sync(self.device)
+        return {"mode": state.mode if load else "raw", "worker_ms": (time.perf_counter() - t0) * 1e3,
+                "fallback_reason": state.reason}
+
+    # --- internals -------------------------------------------------------------------
+
+    def _rl_plan_state(self, request: WeightUpdateRequest, mode: str) -> _PlanState:
+        if mode not in RECEIVE_MODES:
+            raise ValueError(f"receive mode {mode!r} not in {RECEIVE_MODES}")
+        key = f"{request.plan.key}/{mode}"
+        state = self._rl_plans.get(key)
+        if state is None:
+            state = self._rl_build_plan_state(request, mode)
+            self._rl_plans[key] = state
+        return state
+
+    def _rl_build_plan_state(self, request: WeightUpdateRequest, mode: str) -> _PlanState:
+        plan = request.plan
+        reason = ""
+        if mode in ("auto", "direct"):
+            try:
+                per_bucket = self._rl_direct_copies(request)
+                largest = max(b.nbytes for b in plan.buckets)
+                buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device)
+                           for _ in range(min(2, len(plan.buckets)))]
+                # Source views are fixed too: bucket i always lands in buffer i % 2.
+                copies = []
+                for i, bucket_copies in enumerate(per_bucket):
+                    buf = buffers[i % len(buffers)]
+                    offsets = {e.param: e.offset for e in plan.buckets[i].entries}
+                    srcs = [bucket_view(buf, plan, c.param, offsets[c.param]).narrow(c.dim, c.start, c.length)
+                            for c in bucket_copies]
+                    copies.append(([c.dst for c in bucket_copies], srcs))
+                return _PlanState("direct", buffers, copies)
+            except LayoutMismatch as e:
+                if mode == "direct":
+                    raise
+                reason = str(e)
+        buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.device) for b in plan.buckets]
+        return _PlanState("checkpoint", buffers, None, reason)
+
+    def _rl_direct_copies(self, request: WeightUpdateRequest):
+        from vllm.distributed.parallel_state import get_tp_group
+
+        model = self.model_runner.get_model()
+        if getattr(self.model_runner.model_config, "quantization", None):
+            raise LayoutMismatch("quantised model")
+        hf = self.model_runner.model_config.hf_config.get_text_config()
+        tp = get_tp_group()
+        return build_direct_copies(
+            request.plan,
+            dict(model.named_parameters()),
+            getattr(model, "packed_modules_mapping", {}),
+            getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+            tp.rank_in_group,
+            tp.world_size,
+        )
+
+    def _rl_receive_direct(self, request: WeightUpdateRequest, state: _PlanState) -> None:
+        plan = request.plan
+        n_buf = len(state.buffers)
+        for i, bucket in enumerate(plan.buckets):
+            buf = state.buffers[i % n_buf][:bucket.nbytes]
+            # On NCCL this only orders streams: the previous copy out of `buf` was
+            # enqueued first, and this broadcast waits for it on the device.
+            broadcast_async(self._rl_group, buf).wait()
+            dsts, srcs = state.copies[i]
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+
+    def _rl_receive_checkpoint(self, request: WeightUpdateRequest, state: _PlanState) -> None:
+        plan = request.plan
+        works = [broadcast_async(self._rl_group, buf) for buf in state.buffers]
+
+        def weights():
+            for i, work in enumerate(works):
+                work.wait()
+                for param, view in bucket_views(state.buffers[i], plan, i):
+                    yield plan.params[param].name, view
+
+        self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,77 @@
+"""The sending side: rank 0 of the weight group. Packs named tensors into the plan's
+buckets and broadcasts them to every engine worker.
+
+Two pack buffers alternate, so packing bucket i+1 overlaps the broadcast of bucket i.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+
+from .group import WeightGroupConfig, broadcast_async, join_weight_group
+from .layout import bucket_views
+from .protocol import DTYPES, UpdatePlan, WeightUpdateError, WeightUpdateRequest
+
+
+class WeightSender:
+    def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.group = join_weight_group(cfg, rank=0)
+        self._buffers: dict[str, list[torch.Tensor]] = {}
+
+    def _buffers_for(self, plan: UpdatePlan) -> list[torch.Tensor]:
+        bufs = self._buffers.get(plan.key)
+        if bufs is None:
+            largest = max(b.nbytes for b in plan.buckets)
+            bufs = [torch.empty(largest, dtype=torch.uint8, device=self.device)
+                    for _ in range(min(2, len(plan.buckets)))]
+            self._buffers = {plan.key: bufs}  # one model per sender: drop older plans
+        return bufs
+
+    def check(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The tensors must be exactly what the plan says, or nothing is sent."""
+        for p in request.plan.params:
+            t = tensors.get(p.name)
+            if t is None:
+                raise WeightUpdateError(f"sender has no tensor for {p.name}")
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != DTYPES[p.dtype]:
+                raise WeightUpdateError(
+                    f"{p.name}: tensor {tuple(t.shape)} {t.dtype} != plan {p.shape} {p.dtype}")
+
+    def send(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> dict:
+        """Broadcast `tensors` laid out as `request.plan`. Blocks until sent."""
+        plan = request.plan
+        bufs = self._buffers_for(plan)
+        t0 = time.perf_counter()
+        works = []
+        for i, bucket in enumerate(plan.buckets):
+            buf = bufs[i % len(bufs)]
+            if i >= len(bufs):
+                works[i - len(bufs)].wait()  # buffer free again (on GPU: stream order only)
+            views = bucket_views(buf, plan, i)
+            torch._foreach_copy_([v for _, v in views],
+                                 [tensors[plan.params[p].name] for p, _ in views])
+            works.append(broadcast_async(self.group, buf[:bucket.nbytes]))
+        for w in works:
+            w.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
+
+    def send_raw(self, plan: UpdatePlan) -> dict:
+        """Broadcast the plan's buckets as they are, with no packing: the floor."""
+        bufs = self._buffers_for(plan)
+        t0 = time.perf_counter()
+        for i, bucket in enumerate(plan.buckets):
+            broadcast_async(self.group, bufs[i % len(bufs)][:bucket.nbytes]).wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.bucket_bytes}
+
+    def close(self) -> None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        stateless_destroy_torch_distributed_process_group(self.group)
