@@ -214,7 +214,36 @@ class GenerationEngine:
         return self.stats_.version
 
     def stats(self) -> dict:
-        return asdict(self.stats_)
+        return {**asdict(self.stats_), "rss_mb": _tree_rss_mb()}
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def _tree_rss_mb() -> float:
+    """Resident memory of this actor and the vLLM processes it spawned."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None):
+    """Start a GenerationEngine Ray actor. On GPU it reserves tensor_parallel_size GPUs."""
+    import ray
+    import torch
+
+    if num_gpus is None:
+        num_gpus = config.tensor_parallel_size if torch.cuda.is_available() else 0
+    opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000,
+                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
+    if name:
+        opts["name"] = name
+    return ray.remote(GenerationEngine).options(**opts).remote(config)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
+python -m pytest -q tests "$@"

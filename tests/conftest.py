@@ -1,0 +1,103 @@
+"""Shared, expensive fixtures: one local Ray cluster, one tiny model, two vLLM engine
+actors joined to one weight group with this test process as the sender.
+
+Every update in the session goes through `Updater`, which keeps versions rising and
+holds the transformers reference model carrying the weights last sent.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import torch
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from rlloop.actors.engine import EngineConfig, Sampling, engine_actor  # noqa: E402
+from rlloop.actors.weight_sync import form_weight_group, push_update  # noqa: E402
+from rlloop.models.tiny import build_tiny_model  # noqa: E402
+from rlloop.weights.protocol import WeightUpdateRequest, make_plan, parameter_infos  # noqa: E402
+
+GREEDY = Sampling(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = ["12+7=", "hello world", "The answer is", "3*(4+5)="]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class Updater:
+    """The sending side of the test session: a reference HF model and a sender."""
+
+    def __init__(self, model_path, engines, sender):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.engines = engines
+        self.sender = sender
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.version = 0
+        self.plan = make_plan(parameter_infos(self.tensors().items()), bucket_bytes=256 << 10)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.reference.state_dict()
+
+    def randomize(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.reference.named_parameters():
+                scale = 0.02 if "norm" not in name else 0.1
+                base = 1.0 if "norm" in name else 0.0
+                p.copy_(base + scale * torch.randn(p.shape, generator=g) * 2.5)
+
+    def request(self, version=None, plan=None) -> WeightUpdateRequest:
+        return WeightUpdateRequest(self.version + 1 if version is None else version, plan or self.plan)
+
+    def push(self, seed: int, engines=None):
+        """Randomize the reference with `seed` and send it as the next version."""
+        self.randomize(seed)
+        req = self.request()
+        tensors = self.tensors()
+        stats, send = push_update(engines or self.engines, req, lambda: self.sender.send(req, tensors))
+        self.version = req.version
+        return stats, send
+
+    def greedy_reference(self, prompt: str, n: int) -> list[int]:
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = self.reference.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                          pad_token_id=1)
+        return out[0, ids.shape[1]:].tolist()
+
+    def token_logprobs(self, prompt: str, tokens: list[int]) -> torch.Tensor:
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        full = torch.cat([ids, torch.tensor([tokens])], dim=1)
+        with torch.no_grad():
+            logits = self.reference(full).logits[0, ids.shape[1] - 1:-1]
+        return torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.fixture(scope="session")
+def engines(ray_cluster, tiny_model):
+    cfg = EngineConfig(model=tiny_model, gpu_memory_utilization=0.08, max_model_len=512)
+    handles = [engine_actor(cfg, name=f"test/engine/{i}") for i in range(2)]
+    ray.get([h.ready.remote() for h in handles])
+    yield handles
+    ray.get([h.shutdown.remote() for h in handles])
+
+
+@pytest.fixture(scope="session")
+def updater(engines, tiny_model):
+    sender = form_weight_group(engines, [1, 1], backend="gloo", timeout_s=60)
+    up = Updater(tiny_model, engines, sender)
+    yield up
+    sender.close()
