@@ -98,7 +98,10 @@ class GenerationEngine:
         self._update_lock = asyncio.Lock()
 
     async def ready(self) -> dict:
-        return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version}
+        import ray
+
+        return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version,
+                "gpus": [int(g) for g in ray.get_gpu_ids()]}
 
     # --- generation -------------------------------------------------------------------
 
@@ -171,14 +174,16 @@ class GenerationEngine:
             self.stats_.rejected_updates += 1
             raise
 
-    async def prepare_update(self, request: WeightUpdateRequest) -> str:
+    async def prepare_update(self, request: WeightUpdateRequest, mode: str | None = None) -> str:
         """Validate, then let every worker build its buffers for this plan (once per
-        plan, outside any pause). Returns the receive mode the workers chose."""
+        plan, outside any pause). Returns the receive mode the workers chose.
+        `mode` overrides the configured receive mode for this plan."""
         self.check_update(request)
-        modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), self.config.receive_mode))
+        modes = await self.llm.collective_rpc(
+            "rl_prepare", args=(pack(request), mode or self.config.receive_mode))
         return modes[0]
 
-    async def update_weights(self, request: WeightUpdateRequest) -> UpdateStats:
+    async def update_weights(self, request: WeightUpdateRequest, mode: str | None = None) -> UpdateStats:
         """Receive `request` from the sender (who broadcasts concurrently) and load it,
         pausing generation only for the transfer. Call `prepare_update` first: a request
         that does not fit is rejected there, before the sender starts."""
@@ -189,7 +194,7 @@ class GenerationEngine:
             t1 = time.perf_counter()
             try:
                 results = await self.llm.collective_rpc(
-                    "rl_receive", args=(pack(request), self.config.receive_mode))
+                    "rl_receive", args=(pack(request), mode or self.config.receive_mode))
                 self.stats_.version = request.version
             finally:
                 await self.llm.resume_generation()

@@ -37,10 +37,10 @@ def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, 
 
 
 def push_update(engines: Sequence, request: WeightUpdateRequest,
-                send: Callable[[], dict]) -> tuple[list, dict]:
+                send: Callable[[], dict], mode: str | None = None) -> tuple[list, dict]:
     """Every engine validates and prepares first (a bad request raises here and
     nothing has changed anywhere); then all receive while `send` broadcasts."""
-    ray.get([e.prepare_update.remote(request) for e in engines])
-    updates = [e.update_weights.remote(request) for e in engines]
+    ray.get([e.prepare_update.remote(request, mode) for e in engines])
+    updates = [e.update_weights.remote(request, mode) for e in engines]
     send_stats = send()
     return ray.get(updates), send_stats
