@@ -73,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--update-every", type=float, default=1.0)
+    ap.add_argument("--gpu-mem", type=float, default=0.6, help="engine's GPU memory fraction")
     ap.add_argument("--mode", default="auto", help="receive mode: auto | direct | checkpoint")
     args = ap.parse_args(argv)
 
@@ -86,16 +87,18 @@ def main(argv=None):
 
     ray.init(include_dashboard=False, log_to_driver=False)
     cfg = EngineConfig(model=path, dtype=dtype, load_format="auto" if args.model == "tiny" else "dummy",
-                       gpu_memory_utilization=0.7 if gpu else 0.1, max_model_len=2048 if gpu else 512,
+                       gpu_memory_utilization=args.gpu_mem if gpu else 0.1, max_model_len=2048 if gpu else 512,
                        max_num_seqs=512 if gpu else 64, enforce_eager=not gpu, receive_mode=args.mode)
     engine = engine_actor(cfg, name="bench/engine/0")
     info = ray.get(engine.ready.remote())
-    device = "cpu"
+    device, backend = "cpu", "gloo"
     if gpu:
         free = [i for i in range(torch.cuda.device_count()) if i not in info["gpus"]]
-        device = f"cuda:{free[0]}"
+        # NCCL refuses two ranks on one GPU: with a single GPU the sender shares the
+        # engine's GPU and the group runs over gloo (numbers then are not NCCL's).
+        device, backend = (f"cuda:{free[0]}", "nccl") if free else (f"cuda:{info['gpus'][0]}", "gloo")
         torch.cuda.set_device(device)
-    print(f"engine ready {info}; sender on {device}", flush=True)
+    print(f"engine ready {info}; sender on {device} over {backend}", flush=True)
 
     schema = checkpoint_schema(path, DTYPES[dtype])
     from transformers import AutoConfig
@@ -103,7 +106,7 @@ def main(argv=None):
     tied = bool(getattr(AutoConfig.from_pretrained(path), "tie_word_embeddings", False))
     tensors = tie(random_weights(schema, device, seed=1), tied)
     plan = make_plan(list(schema.values()), bucket_bytes=int(bucket_mb * 2**20))
-    sender = form_weight_group([engine], [cfg.tensor_parallel_size], "nccl" if gpu else "gloo", device)
+    sender = form_weight_group([engine], [cfg.tensor_parallel_size], backend, device)
     version = 0
 
     def push(mode=None):
@@ -175,7 +178,7 @@ def main(argv=None):
 
     result = {
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
-        "model": args.model, "dtype": dtype, "bytes": plan.total_bytes, "buckets": len(plan.buckets),
+        "model": args.model, "dtype": dtype, "backend": backend, "sender_device": device, "bytes": plan.total_bytes, "buckets": len(plan.buckets),
         "receive_mode": first.mode,
         "floor_ms": statistics.median(floor), "floor_gbps": plan.bucket_bytes / statistics.median(floor) / 1e6,
         "update_ms": update_ms,
