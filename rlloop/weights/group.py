@@ -23,6 +23,21 @@ class WeightGroupConfig:
     timeout_s: float = 120.0
 
 
+def wire_device(cfg: WeightGroupConfig, device: torch.device) -> torch.device:
+    """Where bucket buffers must live to travel over the group: gloo carries only CPU
+    tensors (a GPU sender/receiver then stages through host memory)."""
+    return torch.device(device) if cfg.backend == "nccl" else torch.device("cpu")
+
+
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i; one fused kernel when devices agree."""
+    if dsts and dsts[0].device == srcs[0].device:
+        torch._foreach_copy_(dsts, srcs)
+    else:
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+
+
 class WeightGroupTimeout(TimeoutError):
     pass
 

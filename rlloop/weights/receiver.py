@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .group import WeightGroupConfig, broadcast_async, join_weight_group
+from .group import WeightGroupConfig, broadcast_async, copy_all, join_weight_group, wire_device
 from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
 from .protocol import WeightUpdateRequest, unpack
 
@@ -42,6 +42,7 @@ class WeightReceiver:
         cfg: WeightGroupConfig = unpack(cfg)
         rank = rank_offset + get_world_group().rank_in_group
         self._rl_group = join_weight_group(cfg, rank)
+        self._rl_wire = wire_device(cfg, self.device)
         self._rl_plans: dict[str, _PlanState] = {}
         return rank
 
@@ -95,7 +96,7 @@ class WeightReceiver:
             try:
                 per_bucket = self._rl_direct_copies(request)
                 largest = max(b.nbytes for b in plan.buckets)
-                buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device)
+                buffers = [torch.empty(largest, dtype=torch.uint8, device=self._rl_wire)
                            for _ in range(min(2, len(plan.buckets)))]
                 # Source views are fixed too: bucket i always lands in buffer i % 2.
                 copies = []
@@ -110,7 +111,7 @@ class WeightReceiver:
                 if mode == "direct":
                     raise
                 reason = str(e)
-        buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.device) for b in plan.buckets]
+        buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self._rl_wire) for b in plan.buckets]
         return _PlanState("checkpoint", buffers, None, reason)
 
     def _rl_direct_copies(self, request: WeightUpdateRequest):
@@ -140,7 +141,7 @@ class WeightReceiver:
             broadcast_async(self._rl_group, buf).wait()
             dsts, srcs = state.copies[i]
             if dsts:
-                torch._foreach_copy_(dsts, srcs)
+                copy_all(dsts, srcs)
 
     def _rl_receive_checkpoint(self, request: WeightUpdateRequest, state: _PlanState) -> None:
         plan = request.plan

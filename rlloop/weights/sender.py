@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .group import WeightGroupConfig, broadcast_async, join_weight_group
+from .group import WeightGroupConfig, broadcast_async, copy_all, join_weight_group, wire_device
 from .layout import bucket_views
 from .protocol import DTYPES, UpdatePlan, WeightUpdateError, WeightUpdateRequest
 
@@ -26,7 +26,7 @@ class WeightSender:
         bufs = self._buffers.get(plan.key)
         if bufs is None:
             largest = max(b.nbytes for b in plan.buckets)
-            bufs = [torch.empty(largest, dtype=torch.uint8, device=self.device)
+            bufs = [torch.empty(largest, dtype=torch.uint8, device=wire_device(self.cfg, self.device))
                     for _ in range(min(2, len(plan.buckets)))]
             self._buffers = {plan.key: bufs}  # one model per sender: drop older plans
         return bufs
@@ -52,8 +52,7 @@ class WeightSender:
             if i >= len(bufs):
                 works[i - len(bufs)].wait()  # buffer free again (on GPU: stream order only)
             views = bucket_views(buf, plan, i)
-            torch._foreach_copy_([v for _, v in views],
-                                 [tensors[plan.params[p].name] for p, _ in views])
+            copy_all([v for _, v in views], [tensors[plan.params[p].name] for p, _ in views])
             works.append(broadcast_async(self.group, buf[:bucket.nbytes]))
         for w in works:
             w.wait()
