@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--update-every", type=float, default=1.0)
     ap.add_argument("--gpu-mem", type=float, default=0.6, help="engine's GPU memory fraction")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs / compile (fast start)")
     ap.add_argument("--mode", default="auto", help="receive mode: auto | direct | checkpoint")
     args = ap.parse_args(argv)
 
@@ -88,7 +89,8 @@ def main(argv=None):
     ray.init(include_dashboard=False, log_to_driver=False)
     cfg = EngineConfig(model=path, dtype=dtype, load_format="auto" if args.model == "tiny" else "dummy",
                        gpu_memory_utilization=args.gpu_mem if gpu else 0.1, max_model_len=2048 if gpu else 512,
-                       max_num_seqs=512 if gpu else 64, enforce_eager=not gpu, receive_mode=args.mode)
+                       max_num_seqs=512 if gpu else 64, enforce_eager=args.eager or not gpu,
+                       receive_mode=args.mode)
     engine = engine_actor(cfg, name="bench/engine/0")
     info = ray.get(engine.ready.remote())
     device, backend = "cpu", "gloo"
@@ -193,7 +195,7 @@ def main(argv=None):
         "all_requests_complete": complete, "outputs_match_reference": outputs_match,
         "versions": {"vllm": __import__("vllm").__version__, "torch": torch.__version__,
                      "ray": ray.__version__},
-        "prompts": n_prompts, "max_tokens": max_tokens,
+        "prompts": n_prompts, "max_tokens": max_tokens, "eager": cfg.enforce_eager,
     }
     print(json.dumps(result, indent=1))
     if args.json:
