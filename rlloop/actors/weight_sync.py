@@ -16,14 +16,24 @@ from rlloop.weights.protocol import WeightUpdateRequest
 from rlloop.weights.sender import WeightSender
 
 
+def weight_group_config(tp_sizes: Sequence[int], backend: str, host: str | None = None,
+                        timeout_s: float = 120.0) -> WeightGroupConfig:
+    """Sender = rank 0 on this node; engine e's workers follow those of engines < e."""
+    host = host or ray.util.get_node_ip_address()
+    return WeightGroupConfig(host, free_port(host), 1 + sum(tp_sizes), backend, timeout_s)
+
+
+def join_engines(engines: Sequence, tp_sizes: Sequence[int], cfg: WeightGroupConfig) -> list:
+    offsets = [1 + sum(tp_sizes[:i]) for i in range(len(engines))]
+    return [e.init_weight_group.remote(cfg, off) for e, off in zip(engines, offsets)]
+
+
 def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, device="cpu",
                       host: str | None = None, timeout_s: float = 120.0) -> WeightSender:
-    """Create the group (sender = rank 0, engine e's workers after those of engines < e)
-    and return the sender once every engine worker has joined."""
-    host = host or ray.util.get_node_ip_address()
-    cfg = WeightGroupConfig(host, free_port(host), 1 + sum(tp_sizes), backend, timeout_s)
-    offsets = [1 + sum(tp_sizes[:i]) for i in range(len(engines))]
-    joins = [e.init_weight_group.remote(cfg, off) for e, off in zip(engines, offsets)]
+    """Form the group with this process as the sender; returns the sender once every
+    engine worker has joined."""
+    cfg = weight_group_config(tp_sizes, backend, host, timeout_s)
+    joins = join_engines(engines, tp_sizes, cfg)
     with ThreadPoolExecutor(1) as pool:
         sender = pool.submit(WeightSender, cfg, device)
         # An engine that fails to join raises here at once instead of leaving the

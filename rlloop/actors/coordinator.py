@@ -1,0 +1,227 @@
+"""The coordinator: places engines and the learner, forms the weight group, and runs
+the GRPO loop with rollout pipelined against training.
+
+Each step it (1) collects the rollout that was generating while the previous step
+trained, (2) immediately starts the next rollout on the current weights, (3) trains
+on the collected samples, and (4) pushes the new weights to every engine in flight:
+the next rollout pauses for the transfer, continues on the new version, and no request
+is dropped. Every sample carries the versions that produced it; samples older than
+`max_lag` versions are dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
+from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
+from rlloop.learner.grpo import group_advantages
+from rlloop.learner.hf_learner import HFLearner, LearnerConfig, Sample
+from rlloop.tasks.arithmetic import Problem, numeric_reward
+from rlloop.weights.group import default_backend
+from rlloop.weights.protocol import WeightUpdateRequest
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    output_dir: str
+    model: str
+    problems: tuple[Problem, ...]
+    engine: EngineConfig
+    learner: LearnerConfig
+    engines: int = 1
+    steps: int = 20
+    sft_steps: int = 0
+    sft_batch: int = 64
+    batch_prompts: int = 16
+    group_size: int = 4
+    max_tokens: int = 8
+    temperature: float = 1.0
+    normalize_std: bool = True
+    max_lag: int = 1
+    pipelined: bool = True
+    bucket_mb: float = 64
+    backend: str = "auto"
+    timeout_s: float = 120
+    seed: int = 0
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.rng = random.Random(cfg.seed)
+        self.version = 0
+        self.history: list[dict] = []
+        self.dropped_stale = 0
+
+    def progress(self) -> dict:
+        return {"step": len(self.history), "steps": self.cfg.steps,
+                "last": self.history[-1] if self.history else None}
+
+    # --- setup ------------------------------------------------------------------------
+
+    def _start(self):
+        cfg = self.cfg
+        self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}") for i in range(cfg.engines)]
+        self.learner = ray.remote(HFLearner).options(name=f"{cfg.name}/learner/0", num_cpus=0).remote(cfg.learner)
+        ray.get([e.ready.remote() for e in self.engines])
+        backend = default_backend() if cfg.backend == "auto" else cfg.backend
+        tp = [cfg.engine.tensor_parallel_size] * cfg.engines
+        group = weight_group_config(tp, backend, timeout_s=cfg.timeout_s)
+        joins = join_engines(self.engines, tp, group)
+        ray.get([self.learner.join_weight_group.remote(group), *joins], timeout=cfg.timeout_s)
+        self.plan = ray.get(self.learner.weight_plan.remote(int(cfg.bucket_mb * 2**20)))
+
+    def _push(self) -> dict:
+        self.version += 1
+        req = WeightUpdateRequest(self.version, self.plan)
+        stats, send = push_update(self.engines, req, lambda: ray.get(self.learner.send_weights.remote(req)))
+        return {"update_ms": max(s.total_ms for s in stats), "stall_ms": max(s.pause_ms for s in stats),
+                "send_ms": send["send_ms"]}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _sft(self) -> None:
+        cfg = self.cfg
+        eos = self.tokenizer.eos_token_id
+        for i in range(cfg.sft_steps):
+            batch = [self.rng.choice(cfg.problems) for _ in range(cfg.sft_batch)]
+            ray.get(self.learner.sft_step.remote([self._encode(p.prompt) for p in batch],
+                                                 [self._encode(p.answer) + [eos] for p in batch]))
+
+    # --- rollout ----------------------------------------------------------------------
+
+    def _submit_rollout(self):
+        cfg = self.cfg
+        problems = [self.rng.choice(cfg.problems) for _ in range(cfg.batch_prompts)]
+        prompts = [self._encode(p.prompt) for p in problems for _ in range(cfg.group_size)]
+        sampling = Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        # Whole groups go to one engine, round robin.
+        per_engine = [[] for _ in self.engines]
+        for g in range(cfg.batch_prompts):
+            per_engine[g % len(self.engines)].append(g)
+        futures = []
+        for e, groups in zip(self.engines, per_engine):
+            idx = [g * cfg.group_size + k for g in groups for k in range(cfg.group_size)]
+            futures.append((idx, e.generate.remote([prompts[i] for i in idx], sampling)))
+        return problems, prompts, futures, time.perf_counter()
+
+    def _collect(self, rollout):
+        cfg = self.cfg
+        problems, prompts, futures, t0 = rollout
+        gens = [None] * len(prompts)
+        for idx, fut in futures:
+            for i, g in zip(idx, ray.get(fut)):
+                gens[i] = g
+        elapsed = time.perf_counter() - t0
+        rewards = torch.tensor([numeric_reward(g.text, problems[i // cfg.group_size].answer)
+                                for i, g in enumerate(gens)])
+        adv = group_advantages(rewards, cfg.group_size, cfg.normalize_std)
+        samples, lags = [], []
+        for i, g in enumerate(gens):
+            lag = self.version - g.version_start
+            lags.append(lag)
+            if lag > cfg.max_lag:
+                self.dropped_stale += 1
+                continue
+            if adv[i] != 0 and g.token_ids:
+                samples.append(Sample(prompts[i], g.token_ids, g.logprobs, adv[i].item(),
+                                      rewards[i].item(), g.version_start, g.version_end))
+        tokens = sum(len(g.token_ids) for g in gens)
+        return samples, {"reward_mean": rewards.mean().item(), "lag_max": max(lags),
+                         "tok_s": tokens / elapsed, "rollout_s": elapsed, "samples": len(samples),
+                         "dropped_stale": self.dropped_stale,
+                         "completion_len": tokens / len(gens)}
+
+    # --- loop -------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self._start()
+        self._sft()
+        self._push()  # engines now serve the learner's (warmed-up) weights
+        metrics_path = self.out / "metrics.jsonl"
+        metrics_file = metrics_path.open("w")
+        rollout = self._submit_rollout()
+        for step in range(cfg.steps):
+            if not cfg.pipelined and step > 0:
+                rollout = self._submit_rollout()
+            samples, roll = self._collect(rollout)
+            if cfg.pipelined and step + 1 < cfg.steps:
+                rollout = self._submit_rollout()  # generates while we train and update
+            train = ray.get(self.learner.train_step.remote(samples)) if samples else {}
+            upd = self._push()
+            row = {"step": step, "weight_version": self.version, **roll, **train, **upd,
+                   "time_s": time.perf_counter() - t_start}
+            self.history.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        metrics_file.close()
+        summary = self._summary(time.perf_counter() - t_start)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_rewards(self.history, self.out / "reward.png", cfg.name)
+        return summary
+
+    def _summary(self, wall_s: float) -> dict:
+        r = [h["reward_mean"] for h in self.history]
+        k = min(10, len(r))
+        return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
+                "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1),
+                "weight_version": self.version, "dropped_stale": self.dropped_stale,
+                "stall_ms_median": sorted(h["stall_ms"] for h in self.history)[len(r) // 2] if r else None,
+                "tok_s_mean": sum(h["tok_s"] for h in self.history) / max(len(r), 1),
+                "output_dir": str(self.out)}
+
+    def shutdown(self) -> None:
+        for e in getattr(self, "engines", []):
+            try:
+                ray.get(e.shutdown.remote(), timeout=30)
+            except Exception:  # already dead: nothing left to stop
+                pass
+
+
+def plot_rewards(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["reward_mean"] for h in history], label="reward (mean)")
+    w = 5
+    if len(history) >= w:
+        r = [h["reward_mean"] for h in history]
+        ax.plot(steps[w - 1:], [sum(r[i - w + 1:i + 1]) / w for i in range(w - 1, len(r))],
+                label=f"{w}-step average")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_line(summary: dict) -> str:
+    return (f"{summary['name']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, reward "
+            f"{summary['reward_first']:.2f} (first 10) -> {summary['reward_last']:.2f} (last 10), "
+            f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median']:.0f} ms, "
+            f"{summary['tok_s_mean']:.0f} tok/s; {summary['output_dir']}")
+
+
