@@ -89,7 +89,7 @@ class Updater:
 @pytest.fixture(scope="session")
 def engines(ray_cluster, tiny_model):
     cfg = EngineConfig(model=tiny_model, gpu_memory_utilization=0.08, max_model_len=512)
-    handles = [engine_actor(cfg, name=f"test/engine/{i}") for i in range(2)]
+    handles = [engine_actor(cfg, name=f"fixture/engine/{i}") for i in range(2)]
     ray.get([h.ready.remote() for h in handles])
     yield handles
     ray.get([h.shutdown.remote() for h in handles])

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _cfg(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base=None):
-        return compose("config", overrides=["+conf=grpo", f"output_dir={tmp_path}", "name=test", *overrides])
+        return compose("config", overrides=["+conf=grpo", f"output_dir={tmp_path}", "name=train-test", *overrides])
 
 
 def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
