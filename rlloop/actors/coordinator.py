@@ -23,6 +23,7 @@ from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.hf_learner import HFLearner, LearnerConfig, Sample
+from rlloop.metrics import report
 from rlloop.tasks.arithmetic import Problem, numeric_reward
 from rlloop.weights.group import default_backend
 from rlloop.weights.protocol import WeightUpdateRequest
@@ -51,6 +52,8 @@ class RunConfig:
     backend: str = "auto"
     timeout_s: float = 120
     seed: int = 0
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
 
 
 class Coordinator:
@@ -65,10 +68,18 @@ class Coordinator:
         self.version = 0
         self.history: list[dict] = []
         self.dropped_stale = 0
+        self.stop_requested = False
 
     def progress(self) -> dict:
         return {"step": len(self.history), "steps": self.cfg.steps,
                 "last": self.history[-1] if self.history else None}
+
+    def metrics(self) -> list[dict]:
+        return list(self.history)
+
+    def stop(self) -> None:
+        """Finish after the current step (checkpoint, summary, engines shut down)."""
+        self.stop_requested = True
 
     # --- setup ------------------------------------------------------------------------
 
@@ -152,29 +163,65 @@ class Coordinator:
         cfg = self.cfg
         t_start = time.perf_counter()
         self._start()
-        self._sft()
-        self._push()  # engines now serve the learner's (warmed-up) weights
-        metrics_path = self.out / "metrics.jsonl"
-        metrics_file = metrics_path.open("w")
+        first_step = self._restore() if cfg.resume else 0
+        if not cfg.resume:
+            self._sft()
+        self._push()  # engines now serve the learner's weights
+        metrics_file = (self.out / "metrics.jsonl").open("w")
+        for row in self.history:  # a resumed run's curve continues the old one
+            metrics_file.write(json.dumps(row) + "\n")
         rollout = self._submit_rollout()
-        for step in range(cfg.steps):
-            if not cfg.pipelined and step > 0:
+        for step in range(first_step, cfg.steps):
+            last = step + 1 == cfg.steps or self.stop_requested
+            if not cfg.pipelined and step > first_step:
                 rollout = self._submit_rollout()
             samples, roll = self._collect(rollout)
-            if cfg.pipelined and step + 1 < cfg.steps:
+            if cfg.pipelined and not last:
                 rollout = self._submit_rollout()  # generates while we train and update
             train = ray.get(self.learner.train_step.remote(samples)) if samples else {}
             upd = self._push()
             row = {"step": step, "weight_version": self.version, **roll, **train, **upd,
                    "time_s": time.perf_counter() - t_start}
             self.history.append(row)
+            report(weight_version=self.version, reward=row["reward_mean"], lag_max=row["lag_max"],
+                   tok_s=row["tok_s"], loss=row.get("loss"), kl=row.get("kl_behaviour"),
+                   clip_frac=row.get("clip_frac"), dropped_stale=self.dropped_stale)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
+                self._checkpoint(step)
+            if last:
+                break
         metrics_file.close()
         summary = self._summary(time.perf_counter() - t_start)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_rewards(self.history, self.out / "reward.png", cfg.name)
         return summary
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _checkpoint(self, step: int) -> Path:
+        """HF safetensors policy + tokenizer (a directory engines can start from),
+        optimizer state, and the run state needed to continue the curve."""
+        path = self.out / "checkpoints" / f"step_{step + 1:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        ray.get(self.learner.save.remote(str(path)))
+        self.tokenizer.save_pretrained(path)
+        state = {"step": step, "version": self.version, "dropped_stale": self.dropped_stale,
+                 "rng": self.rng.getstate(), "history": self.history}
+        (path / "run_state.json").write_text(json.dumps(state))
+        return path
+
+    def _restore(self) -> int:
+        """Continue from checkpoint `cfg.resume` (engines and learner were started from
+        its weights); returns the first step to run."""
+        state = json.loads((Path(self.cfg.resume) / "run_state.json").read_text())
+        ray.get(self.learner.load_optimizer.remote(self.cfg.resume))
+        self.version = state["version"]
+        self.dropped_stale = state["dropped_stale"]
+        self.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        self.history = state["history"]
+        return state["step"] + 1
 
     def _summary(self, wall_s: float) -> dict:
         r = [h["reward_mean"] for h in self.history]

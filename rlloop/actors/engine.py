@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest, pack, validate_request
 
@@ -117,11 +118,13 @@ class GenerationEngine:
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
         start = self.stats_.version
         self.stats_.in_flight += 1
+        report(in_flight=self.stats_.in_flight)
         try:
             async for out in self.llm.generate(engine_prompt, params, request_id=uuid.uuid4().hex):
                 yield out, start
         finally:
             self.stats_.in_flight -= 1
+            report(in_flight=self.stats_.in_flight)
 
     def _generation(self, prompt, out, start: int) -> Generation:
         c = out.outputs[0]
@@ -207,6 +210,8 @@ class GenerationEngine:
                 gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0)
             self.stats_.updates += 1
             self.stats_.last_update = asdict(stats)
+            report(weight_version=stats.version, update_ms=stats.total_ms, stall_ms=stats.pause_ms,
+                   transfer_gbps=stats.gbps, in_flight=self.stats_.in_flight)
             return stats
 
     async def receive_raw(self, request: WeightUpdateRequest) -> dict:

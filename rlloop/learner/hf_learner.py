@@ -153,14 +153,9 @@ class HFLearner:
         self.model.save_pretrained(path, safe_serialization=True)
         torch.save({"optimizer": self.opt.state_dict(), "steps": self.steps}, f"{path}/learner_state.pt")
 
-    def load_state(self, path: str) -> int:
-        from safetensors.torch import load_file
-        import glob
-
-        state = {}
-        for f in sorted(glob.glob(f"{path}/*.safetensors")):
-            state.update(load_file(f))
-        self.model.load_state_dict(state, strict=False)
+    def load_optimizer(self, path: str) -> int:
+        """Optimizer state and step count of a checkpoint whose weights this learner
+        was started from (LearnerConfig.model = the checkpoint directory)."""
         extra = torch.load(f"{path}/learner_state.pt", weights_only=False)
         self.opt.load_state_dict(extra["optimizer"])
         self.steps = extra["steps"]

@@ -1,0 +1,93 @@
+"""Turning a Hydra config into typed run configs; a bad value names its key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
+# From a checkout (or an editable install) use the repo's conf/; a wheel ships it as rlloop.conf.
+CONFIG_PATH = str(_REPO_CONF) if _REPO_CONF.is_dir() else "pkg://rlloop.conf"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def build_run_config(cfg: DictConfig):
+    """Turn the Hydra config into typed dataclasses; a bad value names its key."""
+    from rlloop.actors.coordinator import RunConfig
+    from rlloop.actors.engine import EngineConfig
+    from rlloop.learner.hf_learner import LearnerConfig
+    from rlloop.models.tiny import build_tiny_model
+    from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
+
+    def need(key, ok, what):
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}': {what}, got {value!r}")
+        return value
+
+    pos_int = lambda v: isinstance(v, int) and v > 0  # noqa: E731
+    steps = need("trainer.steps", pos_int, "must be a positive integer")
+    engines = need("engines.count", pos_int, "must be a positive integer")
+    group = need("rollout.group_size", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
+    need("rollout.batch_prompts", pos_int, "must be a positive integer")
+    need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+    need("learner.loss_aggregation", lambda v: v in ("token-mean", "sequence-mean"),
+         "must be token-mean or sequence-mean")
+    task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
+    out = Path(cfg.output_dir)
+    model = cfg.model.path
+    resume = None
+    if cfg.resume is not None:
+        resume = str(latest_checkpoint(cfg.resume))
+        model = resume  # engines and learner start from the checkpoint's weights
+    elif model is None:
+        model = str(build_tiny_model(out / "initial_model", seed=cfg.seed))
+    elif not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"config key 'model.path': no config.json in {model!r} (pass a local HF directory)")
+    if task == "arithmetic":
+        problems = arithmetic_problems(cfg.rollout.num_problems, cfg.seed, cfg.rollout.max_operand,
+                                       cfg.rollout.ops)
+    else:
+        path = need("rollout.jsonl_path", lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
+        problems = jsonl_problems(path)
+    e = cfg.engines
+    return RunConfig(
+        name=str(cfg.name), output_dir=str(out), model=model, problems=tuple(problems),
+        engine=EngineConfig(model=model, dtype=cfg.model.dtype, tensor_parallel_size=e.tensor_parallel_size,
+                            gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
+                            max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
+                            receive_mode=e.receive_mode),
+        learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
+                              max_grad_norm=cfg.learner.max_grad_norm, clip_eps=cfg.learner.clip_eps,
+                              aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
+                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed),
+        engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
+        batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
+        temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
+        max_lag=cfg.rollout.max_lag, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
+        backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
+        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume)
+
+
+def latest_checkpoint(path: str) -> Path:
+    """`path` itself if it is a checkpoint, else the newest one in <path>/checkpoints."""
+    p = Path(path)
+    if (p / "run_state.json").is_file():
+        return p
+    found = sorted((p / "checkpoints").glob("step_*/run_state.json"))
+    if not found:
+        raise ConfigError(f"config key 'resume': no checkpoint in {path!r}")
+    return found[-1].parent
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The Hydra config as `python -m rlloop.train <overrides>` would see it."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    init = (initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base=None)
+            if CONFIG_PATH.startswith("pkg://") else initialize_config_dir(CONFIG_PATH, version_base=None))
+    with init:
+        return compose("config", overrides=overrides)

@@ -1,0 +1,111 @@
+"""Launching runs from Python or a notebook without blocking.
+
+    import rlloop
+    run = rlloop.launch(["trainer.steps=100"])   # Hydra overrides; +conf=grpo is implied
+    run.status(); run.metrics(); run.plot(); run.wait(); run.stop()
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+class RunHandle:
+    """A running (or finished) GRPO run, backed by its coordinator actor."""
+
+    def __init__(self, coordinator, run_ref, run_cfg):
+        self.coordinator = coordinator
+        self.config = run_cfg
+        self._ref = run_ref
+        self._summary = None
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
+
+    def done(self) -> bool:
+        return self._summary is not None or bool(ray.wait([self._ref], timeout=0)[0])
+
+    def status(self) -> dict:
+        p = ray.get(self.coordinator.progress.remote())
+        state = "finished" if self.done() else "running"
+        return {"state": state, "step": p["step"], "steps": p["steps"],
+                "reward_mean": p["last"]["reward_mean"] if p["last"] else None,
+                "weight_version": p["last"]["weight_version"] if p["last"] else 0}
+
+    def metrics(self):
+        """One row per step, as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(ray.get(self.coordinator.metrics.remote()))
+
+    def plot(self, ax=None):
+        """Reward curve (and its moving average) on a matplotlib axis."""
+        import matplotlib.pyplot as plt
+
+        df = self.metrics()
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        if len(df):
+            ax.plot(df["step"], df["reward_mean"], label="reward (mean)")
+            ax.plot(df["step"], df["reward_mean"].rolling(5, min_periods=1).mean(), label="5-step average")
+            ax.legend(loc="lower right")
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_title(self.config.name)
+        return ax
+
+    def wait(self, timeout: float | None = None, progress: bool = True) -> dict:
+        """Block until the run ends (with a progress bar); returns its summary."""
+        if self._summary is None:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=self.config.steps, desc=self.config.name, unit="step",
+                      disable=not progress) as bar:
+                while True:
+                    ready, _ = ray.wait([self._ref], timeout=1.0 if timeout is None else min(1.0, timeout))
+                    p = ray.get(self.coordinator.progress.remote())
+                    bar.update(p["step"] - bar.n)
+                    if p["last"]:
+                        bar.set_postfix(reward=f"{p['last']['reward_mean']:.2f}", v=p["last"]["weight_version"])
+                    if ready:
+                        break
+                    if timeout is not None:
+                        timeout -= 1.0
+                        if timeout <= 0:
+                            raise TimeoutError(f"run {self.config.name} still going")
+            self._summary = ray.get(self._ref)
+            ray.get(self.coordinator.shutdown.remote())
+        return self._summary
+
+    def stop(self, timeout: float = 300) -> dict:
+        """Ask the run to finish after its current step, then wait for it."""
+        ray.get(self.coordinator.stop.remote())
+        return self.wait(timeout=timeout, progress=False)
+
+
+def launch_config(cfg) -> RunHandle:
+    """Start a run from a composed Hydra config (DictConfig)."""
+    from rlloop.actors.coordinator import Coordinator
+    from rlloop.config import build_run_config
+
+    run_cfg = build_run_config(cfg)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=cfg.ray.dashboard,
+                 log_to_driver=cfg.ray.log_to_driver,
+                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
+    coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator", num_cpus=0,
+                                            max_concurrency=4).remote(run_cfg)
+    return RunHandle(coord, coord.run.remote(), run_cfg)
+
+
+def launch(overrides: list[str] | dict | None = None, recipe: str = "grpo") -> RunHandle:
+    """Start a run without blocking. `overrides` are Hydra overrides, as a list
+    (["trainer.steps=50"]) or a dict ({"trainer.steps": 50})."""
+    from rlloop.config import compose_config
+
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    return launch_config(compose_config([f"+conf={recipe}", *(overrides or [])]))
