@@ -63,13 +63,13 @@ def build_run_config(cfg: DictConfig):
         learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
                               max_grad_norm=cfg.learner.max_grad_norm, clip_eps=cfg.learner.clip_eps,
                               aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
-                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed),
+                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         max_lag=cfg.rollout.max_lag, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
-        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume)
+        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus)
 
 
 def latest_checkpoint(path: str) -> Path:

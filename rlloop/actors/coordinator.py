@@ -52,6 +52,7 @@ class RunConfig:
     backend: str = "auto"
     timeout_s: float = 120
     seed: int = 0
+    learner_gpus: int = 0  # 1: the learner gets its own GPU (engines take theirs)
     checkpoint_every: int = 0  # steps; 0: only at the end
     resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
 
@@ -86,7 +87,9 @@ class Coordinator:
     def _start(self):
         cfg = self.cfg
         self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}") for i in range(cfg.engines)]
-        self.learner = ray.remote(HFLearner).options(name=f"{cfg.name}/learner/0", num_cpus=0).remote(cfg.learner)
+        learner_gpus = 1 if cfg.learner_gpus else 0
+        self.learner = ray.remote(HFLearner).options(
+            name=f"{cfg.name}/learner/0", num_cpus=0, num_gpus=learner_gpus).remote(cfg.learner)
         ray.get([e.ready.remote() for e in self.engines])
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         tp = [cfg.engine.tensor_parallel_size] * cfg.engines

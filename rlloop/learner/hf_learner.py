@@ -43,20 +43,27 @@ class LearnerConfig:
     seed: int = 0
     num_threads: int = 1
     pad_id: int = 1
+    device: str = "auto"  # auto: cuda when the actor was given a GPU, else cpu
+    dtype: str = "float32"  # parameters and optimizer state; bfloat16 halves memory on GPU
 
 
 class HFLearner:
     def __init__(self, cfg: LearnerConfig):
         from transformers import AutoModelForCausalLM
 
+        from rlloop.weights.protocol import DTYPES
+
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        dtype = DTYPES[cfg.dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device)
         self.model.train()
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sender = None
         self._plan: UpdatePlan | None = None
@@ -76,7 +83,7 @@ class HFLearner:
             ids[i, :len(s)] = torch.tensor(s)
             attn[i, :len(s)] = 1
             comp[i, len(p) - 1:len(s) - 1] = True
-        return ids, attn, comp
+        return ids.to(self.device), attn.to(self.device), comp.to(self.device)
 
     def _token_logprobs(self, model, ids, attn):
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
@@ -108,9 +115,11 @@ class HFLearner:
         ids, attn, comp = self._batch([s.prompt_ids for s in samples],
                                       [s.completion_ids for s in samples])
         behaviour = torch.zeros(comp.shape)
+        comp_cpu = comp.cpu()
         for i, s in enumerate(samples):
-            behaviour[i][comp[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
-        adv = torch.tensor([s.advantage for s in samples])
+            behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
+        behaviour = behaviour.to(self.device)
+        adv = torch.tensor([s.advantage for s in samples], device=self.device)
         logp, entropy = self._token_logprobs(self.model, ids, attn)
         ref_logp = None
         if self.ref is not None:
@@ -142,7 +151,7 @@ class HFLearner:
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
         from rlloop.weights.sender import WeightSender
 
-        self.sender = WeightSender(cfg, "cpu")
+        self.sender = WeightSender(cfg, self.device)
 
     def send_weights(self, request: WeightUpdateRequest) -> dict:
         tensors = self._tensors()
