@@ -97,6 +97,7 @@ class GenerationEngine:
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
         self.stats_ = EngineStats()
         self._update_lock = asyncio.Lock()
+        self._prepared: dict[tuple[str, str], str] = {}
 
     async def ready(self) -> dict:
         import ray
@@ -164,10 +165,12 @@ class GenerationEngine:
 
     async def init_weight_group(self, cfg: WeightGroupConfig, rank_offset: int) -> list[int]:
         """Join the weight group: worker w of this engine becomes rank rank_offset + w."""
+        self._prepared.clear()
         return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset))
 
     async def leave_weight_group(self) -> None:
         await self.llm.collective_rpc("rl_leave_weight_group")
+        self._prepared.clear()
 
     def check_update(self, request: WeightUpdateRequest) -> None:
         """Raise WeightUpdateError if `request` does not fit this model. Changes nothing."""
@@ -182,9 +185,11 @@ class GenerationEngine:
         plan, outside any pause). Returns the receive mode the workers chose.
         `mode` overrides the configured receive mode for this plan."""
         self.check_update(request)
-        modes = await self.llm.collective_rpc(
-            "rl_prepare", args=(pack(request), mode or self.config.receive_mode))
-        return modes[0]
+        key = (request.plan.key, mode or self.config.receive_mode)
+        if key not in self._prepared:  # workers keep per-plan state: one RPC per plan
+            modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), key[1]))
+            self._prepared[key] = modes[0]
+        return self._prepared[key]
 
     async def update_weights(self, request: WeightUpdateRequest, mode: str | None = None) -> UpdateStats:
         """Receive `request` from the sender (who broadcasts concurrently) and load it,
