@@ -94,3 +94,22 @@ def test_resume_continues_the_curve(tmp_path, ray_cluster):
     start = sum(r["reward_mean"] for r in before[:5]) / 5
     assert resumed > start + 0.05, (start, resumed)
     assert summary["steps"] == 40
+
+
+def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_cluster):
+    """Issue 5: ray.kill an engine mid-run; the run finishes every step with full
+    batches, and the restarted engine ends on the current weight version."""
+    from rlloop.handle import launch_config
+
+    handle = launch_config(_cfg(tmp_path, "trainer.steps=30", "name=faulty", "weights.timeout_s=30"))
+    deadline = time.time() + 300
+    while handle.status()["step"] < 5 and time.time() < deadline:
+        time.sleep(0.5)
+    engine = ray.get_actor("faulty/engine/0")
+    ray.kill(engine, no_restart=False)
+    summary = handle.wait(timeout=900, progress=False)
+    rows = handle.metrics()
+    assert summary["steps"] == 30 and summary["engine_failures"] >= 1
+    assert (rows["generated"] == 32 * 8).all(), "every step keeps its full batch"
+    assert rows["weight_version"].is_monotonic_increasing
+    assert ray.get(ray.get_actor("faulty/engine/0").version.remote()) == summary["weight_version"]

@@ -26,7 +26,11 @@ from rlloop.learner.hf_learner import HFLearner, LearnerConfig, Sample
 from rlloop.metrics import report
 from rlloop.tasks.arithmetic import Problem, numeric_reward
 from rlloop.weights.group import default_backend
-from rlloop.weights.protocol import WeightUpdateRequest
+from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
+
+
+# What a call on a dead or restarting engine actor raises.
+ENGINE_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class RunConfig:
     timeout_s: float = 120
     seed: int = 0
     learner_gpus: int = 0  # 1: the learner gets its own GPU (engines take theirs)
+    engine_restarts: int = 3  # per engine; a restarted engine rejoins and gets the current weights
     checkpoint_every: int = 0  # steps; 0: only at the end
     resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
 
@@ -69,6 +74,8 @@ class Coordinator:
         self.version = 0
         self.history: list[dict] = []
         self.dropped_stale = 0
+        self.engine_failures = 0
+        self.requests_reissued = 0
         self.stop_requested = False
 
     def progress(self) -> dict:
@@ -86,22 +93,54 @@ class Coordinator:
 
     def _start(self):
         cfg = self.cfg
-        self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}") for i in range(cfg.engines)]
+        self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}",
+                                     max_restarts=cfg.engine_restarts) for i in range(cfg.engines)]
         learner_gpus = 1 if cfg.learner_gpus else 0
         self.learner = ray.remote(HFLearner).options(
             name=f"{cfg.name}/learner/0", num_cpus=0, num_gpus=learner_gpus).remote(cfg.learner)
         ray.get([e.ready.remote() for e in self.engines])
+        self._form_group()
+        self.plan = ray.get(self.learner.weight_plan.remote(int(cfg.bucket_mb * 2**20)))
+
+    def _form_group(self) -> None:
+        cfg = self.cfg
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         tp = [cfg.engine.tensor_parallel_size] * cfg.engines
         group = weight_group_config(tp, backend, timeout_s=cfg.timeout_s)
         joins = join_engines(self.engines, tp, group)
         ray.get([self.learner.join_weight_group.remote(group), *joins], timeout=cfg.timeout_s)
-        self.plan = ray.get(self.learner.weight_plan.remote(int(cfg.bucket_mb * 2**20)))
 
-    def _push(self) -> dict:
+    def _recover(self, error: Exception) -> None:
+        """An engine died (Ray restarts it on its initial weights): wait for every engine,
+        re-form the weight group and resend the learner's current weights."""
+        self.engine_failures += 1
+        print(f"[rlloop] engine failure ({type(error).__name__}); recovering", flush=True)
+        deadline = time.time() + max(self.cfg.timeout_s, 300)
+        for e in self.engines:
+            while True:  # a restarting actor refuses calls until its constructor is done
+                try:
+                    ray.get(e.ready.remote(), timeout=max(1.0, deadline - time.time()))
+                    break
+                except ENGINE_GONE:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(1.0)
+        ray.get([self.learner.leave_weight_group.remote()] +
+                [e.leave_weight_group.remote() for e in self.engines])
+        self._form_group()
+        self._push(recovering=True)
+
+    def _push(self, recovering: bool = False) -> dict:
         self.version += 1
         req = WeightUpdateRequest(self.version, self.plan)
-        stats, send = push_update(self.engines, req, lambda: ray.get(self.learner.send_weights.remote(req)))
+        try:
+            stats, send = push_update(self.engines, req,
+                                      lambda: ray.get(self.learner.send_weights.remote(req)))
+        except (*ENGINE_GONE, ray.exceptions.RayTaskError) as e:
+            if recovering or not self.cfg.engine_restarts or isinstance(e, WeightUpdateError):
+                raise
+            self._recover(e)  # resends the current weights under a newer version
+            return {"update_ms": None, "stall_ms": None, "send_ms": None}
         return {"update_ms": max(s.total_ms for s in stats), "stall_ms": max(s.pause_ms for s in stats),
                 "send_ms": send["send_ms"]}
 
@@ -130,15 +169,25 @@ class Coordinator:
         futures = []
         for e, groups in zip(self.engines, per_engine):
             idx = [g * cfg.group_size + k for g in groups for k in range(cfg.group_size)]
-            futures.append((idx, e.generate.remote([prompts[i] for i in idx], sampling)))
-        return problems, prompts, futures, time.perf_counter()
+            futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling)))
+        return problems, prompts, sampling, futures, time.perf_counter()
 
     def _collect(self, rollout):
         cfg = self.cfg
-        problems, prompts, futures, t0 = rollout
+        problems, prompts, sampling, futures, t0 = rollout
         gens = [None] * len(prompts)
-        for idx, fut in futures:
-            for i, g in zip(idx, ray.get(fut)):
+        for engine, idx, fut in futures:
+            try:
+                out = ray.get(fut)
+            except ENGINE_GONE as e:
+                if not cfg.engine_restarts:
+                    raise
+                # The engine died with these requests: bring it back on the current
+                # weights and issue them again, so no sample is lost.
+                self._recover(e)
+                self.requests_reissued += len(idx)
+                out = ray.get(engine.generate.remote([prompts[i] for i in idx], sampling))
+            for i, g in zip(idx, out):
                 gens[i] = g
         elapsed = time.perf_counter() - t0
         rewards = torch.tensor([numeric_reward(g.text, problems[i // cfg.group_size].answer)
@@ -157,7 +206,8 @@ class Coordinator:
         tokens = sum(len(g.token_ids) for g in gens)
         return samples, {"reward_mean": rewards.mean().item(), "lag_max": max(lags),
                          "tok_s": tokens / elapsed, "rollout_s": elapsed, "samples": len(samples),
-                         "dropped_stale": self.dropped_stale,
+                         "dropped_stale": self.dropped_stale, "generated": len(gens),
+                         "engine_failures": self.engine_failures, "requests_reissued": self.requests_reissued,
                          "completion_len": tokens / len(gens)}
 
     # --- loop -------------------------------------------------------------------------
@@ -232,7 +282,8 @@ class Coordinator:
         return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
                 "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1),
                 "weight_version": self.version, "dropped_stale": self.dropped_stale,
-                "stall_ms_median": sorted(h["stall_ms"] for h in self.history)[len(r) // 2] if r else None,
+                "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
+                "engine_failures": self.engine_failures, "requests_reissued": self.requests_reissued,
                 "tok_s_mean": sum(h["tok_s"] for h in self.history) / max(len(r), 1),
                 "output_dir": str(self.out)}
 
@@ -242,6 +293,10 @@ class Coordinator:
                 ray.get(e.shutdown.remote(), timeout=30)
             except Exception:  # already dead: nothing left to stop
                 pass
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def plot_rewards(history: list[dict], path: Path, title: str) -> None:
@@ -271,7 +326,7 @@ def plot_rewards(history: list[dict], path: Path, title: str) -> None:
 def summary_line(summary: dict) -> str:
     return (f"{summary['name']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, reward "
             f"{summary['reward_first']:.2f} (first 10) -> {summary['reward_last']:.2f} (last 10), "
-            f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median']:.0f} ms, "
+            f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median'] or 0:.0f} ms, "
             f"{summary['tok_s_mean']:.0f} tok/s; {summary['output_dir']}")
 
 

@@ -250,14 +250,17 @@ def _tree_rss_mb() -> float:
     return total / 2**20
 
 
-def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None):
-    """Start a GenerationEngine Ray actor. On GPU it reserves tensor_parallel_size GPUs."""
+def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None,
+                 max_restarts: int = 0):
+    """Start a GenerationEngine Ray actor. On GPU it reserves tensor_parallel_size GPUs.
+    With max_restarts, Ray restarts a dead engine (on its initial weights, outside the
+    weight group): whoever drives it must re-form the group and resend (Coordinator)."""
     import ray
     import torch
 
     if num_gpus is None:
         num_gpus = config.tensor_parallel_size if torch.cuda.is_available() else 0
-    opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000,
+    opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000, max_restarts=max_restarts,
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
     if name:
         opts["name"] = name
