@@ -70,7 +70,7 @@ def build_run_config(cfg: DictConfig):
         max_lag=cfg.rollout.max_lag, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus,
-        engine_restarts=cfg.engines.max_restarts)
+        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts)
 
 
 def latest_checkpoint(path: str) -> Path:

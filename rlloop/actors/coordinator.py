@@ -29,8 +29,20 @@ from rlloop.weights.group import default_backend
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
 
 
-# What a call on a dead or restarting engine actor raises.
-ENGINE_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# What a call on a dead or restarting actor raises.
+ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _wait_ready(actor, deadline: float):
+    """`actor.ready()` once it answers: a restarting actor refuses calls until its
+    constructor is done."""
+    while True:
+        try:
+            return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
+        except ACTOR_GONE:
+            if time.time() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class RunConfig:
     seed: int = 0
     learner_gpus: int = 0  # 1: the learner gets its own GPU (engines take theirs)
     engine_restarts: int = 3  # per engine; a restarted engine rejoins and gets the current weights
+    learner_restarts: int = 3  # a restarted learner reloads the last checkpoint
     checkpoint_every: int = 0  # steps; 0: only at the end
     resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
 
@@ -74,8 +87,10 @@ class Coordinator:
         self.version = 0
         self.history: list[dict] = []
         self.dropped_stale = 0
-        self.engine_failures = 0
+        self.failures = 0
+        self.learner_restores = 0
         self.requests_reissued = 0
+        self.last_checkpoint: Path | None = None
         self.stop_requested = False
 
     def progress(self) -> dict:
@@ -97,7 +112,9 @@ class Coordinator:
                                      max_restarts=cfg.engine_restarts) for i in range(cfg.engines)]
         learner_gpus = 1 if cfg.learner_gpus else 0
         self.learner = ray.remote(HFLearner).options(
-            name=f"{cfg.name}/learner/0", num_cpus=0, num_gpus=learner_gpus).remote(cfg.learner)
+            name=f"{cfg.name}/learner/0", num_cpus=0, num_gpus=learner_gpus,
+            max_restarts=cfg.learner_restarts).remote(cfg.learner)
+        self.learner_pid = ray.get(self.learner.ready.remote())
         ray.get([e.ready.remote() for e in self.engines])
         self._form_group()
         self.plan = ray.get(self.learner.weight_plan.remote(int(cfg.bucket_mb * 2**20)))
@@ -111,22 +128,27 @@ class Coordinator:
         ray.get([self.learner.join_weight_group.remote(group), *joins], timeout=cfg.timeout_s)
 
     def _recover(self, error: Exception) -> None:
-        """An engine died (Ray restarts it on its initial weights): wait for every engine,
-        re-form the weight group and resend the learner's current weights."""
-        self.engine_failures += 1
-        print(f"[rlloop] engine failure ({type(error).__name__}); recovering", flush=True)
+        """A member of the weight group died and Ray restarted it: an engine comes back
+        on its initial weights, the learner too (it then reloads the last checkpoint).
+        Wait for everyone, re-form the group and resend the learner's weights."""
+        self.failures += 1
+        print(f"[rlloop] actor failure ({type(error).__name__}); recovering", flush=True)
         deadline = time.time() + max(self.cfg.timeout_s, 300)
+        pids = [_wait_ready(a, deadline) for a in [self.learner, *self.engines]]
+        if pids[0] != self.learner_pid:
+            self.learner_pid = pids[0]
+            self.learner_restores += 1
+            if self.last_checkpoint is not None:
+                ray.get(self.learner.load_checkpoint.remote(str(self.last_checkpoint)))
+        ray.get(self.learner.leave_weight_group.remote())
         for e in self.engines:
-            while True:  # a restarting actor refuses calls until its constructor is done
-                try:
-                    ray.get(e.ready.remote(), timeout=max(1.0, deadline - time.time()))
-                    break
-                except ENGINE_GONE:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(1.0)
-        ray.get([self.learner.leave_weight_group.remote()] +
-                [e.leave_weight_group.remote() for e in self.engines])
+            try:
+                ray.get(e.leave_weight_group.remote(), timeout=60)
+            except (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+                # Its vLLM engine died with the broken transfer (EngineDeadError):
+                # restart the whole actor; it comes back on its initial weights.
+                ray.kill(e, no_restart=False)
+                _wait_ready(e, deadline)
         self._form_group()
         self._push(recovering=True)
 
@@ -136,8 +158,8 @@ class Coordinator:
         try:
             stats, send = push_update(self.engines, req,
                                       lambda: ray.get(self.learner.send_weights.remote(req)))
-        except (*ENGINE_GONE, ray.exceptions.RayTaskError) as e:
-            if recovering or not self.cfg.engine_restarts or isinstance(e, WeightUpdateError):
+        except (*ACTOR_GONE, ray.exceptions.RayTaskError) as e:
+            if recovering or isinstance(e, WeightUpdateError):
                 raise
             self._recover(e)  # resends the current weights under a newer version
             return {"update_ms": None, "stall_ms": None, "send_ms": None}
@@ -179,9 +201,7 @@ class Coordinator:
         for engine, idx, fut in futures:
             try:
                 out = ray.get(fut)
-            except ENGINE_GONE as e:
-                if not cfg.engine_restarts:
-                    raise
+            except ACTOR_GONE as e:
                 # The engine died with these requests: bring it back on the current
                 # weights and issue them again, so no sample is lost.
                 self._recover(e)
@@ -207,7 +227,8 @@ class Coordinator:
         return samples, {"reward_mean": rewards.mean().item(), "lag_max": max(lags),
                          "tok_s": tokens / elapsed, "rollout_s": elapsed, "samples": len(samples),
                          "dropped_stale": self.dropped_stale, "generated": len(gens),
-                         "engine_failures": self.engine_failures, "requests_reissued": self.requests_reissued,
+                         "failures": self.failures, "learner_restores": self.learner_restores,
+                         "requests_reissued": self.requests_reissued,
                          "completion_len": tokens / len(gens)}
 
     # --- loop -------------------------------------------------------------------------
@@ -231,7 +252,7 @@ class Coordinator:
             samples, roll = self._collect(rollout)
             if cfg.pipelined and not last:
                 rollout = self._submit_rollout()  # generates while we train and update
-            train = ray.get(self.learner.train_step.remote(samples)) if samples else {}
+            train = self._train(samples) if samples else {}
             upd = self._push()
             row = {"step": step, "weight_version": self.version, **roll, **train, **upd,
                    "time_s": time.perf_counter() - t_start}
@@ -251,6 +272,13 @@ class Coordinator:
         plot_rewards(self.history, self.out / "reward.png", cfg.name)
         return summary
 
+    def _train(self, samples) -> dict:
+        try:
+            return ray.get(self.learner.train_step.remote(samples))
+        except ACTOR_GONE as e:
+            self._recover(e)  # learner back on its last checkpoint
+            return ray.get(self.learner.train_step.remote(samples))
+
     # --- checkpoints ------------------------------------------------------------------
 
     def _checkpoint(self, step: int) -> Path:
@@ -260,6 +288,7 @@ class Coordinator:
         path.mkdir(parents=True, exist_ok=True)
         ray.get(self.learner.save.remote(str(path)))
         self.tokenizer.save_pretrained(path)
+        self.last_checkpoint = path
         state = {"step": step, "version": self.version, "dropped_stale": self.dropped_stale,
                  "rng": self.rng.getstate(), "history": self.history}
         (path / "run_state.json").write_text(json.dumps(state))
@@ -283,7 +312,8 @@ class Coordinator:
                 "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1),
                 "weight_version": self.version, "dropped_stale": self.dropped_stale,
                 "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
-                "engine_failures": self.engine_failures, "requests_reissued": self.requests_reissued,
+                "failures": self.failures, "learner_restores": self.learner_restores,
+                "requests_reissued": self.requests_reissued,
                 "tok_s_mean": sum(h["tok_s"] for h in self.history) / max(len(r), 1),
                 "output_dir": str(self.out)}
 

@@ -153,6 +153,12 @@ class HFLearner:
 
         self.sender = WeightSender(cfg, self.device)
 
+    def ready(self) -> int:
+        """This incarnation's pid: a restarted learner answers with a new one."""
+        import os
+
+        return os.getpid()
+
     def leave_weight_group(self) -> None:
         if self.sender is not None:
             try:
@@ -169,6 +175,18 @@ class HFLearner:
     def save(self, path: str) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
         torch.save({"optimizer": self.opt.state_dict(), "steps": self.steps}, f"{path}/learner_state.pt")
+
+    def load_checkpoint(self, path: str) -> int:
+        """Weights and optimizer of a checkpoint (after a restart on the initial weights)."""
+        import glob
+
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(glob.glob(f"{path}/*.safetensors")):
+            state.update(load_file(f, device=str(self.device)))
+        self.model.load_state_dict(state, strict=False)  # a tied head is stored once
+        return self.load_optimizer(path)
 
     def load_optimizer(self, path: str) -> int:
         """Optimizer state and step count of a checkpoint whose weights this learner
