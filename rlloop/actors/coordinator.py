@@ -127,12 +127,24 @@ class Coordinator:
         joins = join_engines(self.engines, tp, group)
         ray.get([self.learner.join_weight_group.remote(group), *joins], timeout=cfg.timeout_s)
 
-    def _recover(self, error: Exception) -> None:
+    def _recover(self, error: Exception, attempts: int = 3) -> None:
         """A member of the weight group died and Ray restarted it: an engine comes back
         on its initial weights, the learner too (it then reloads the last checkpoint).
-        Wait for everyone, re-form the group and resend the learner's weights."""
+        Wait for everyone, re-form the group and resend the learner's weights. Another
+        actor may fail while this runs (an engine whose transfer broke): start over."""
         self.failures += 1
-        print(f"[rlloop] actor failure ({type(error).__name__}); recovering", flush=True)
+        for attempt in range(attempts):
+            print(f"[rlloop] actor failure ({type(error).__name__}); recovering, attempt {attempt + 1}",
+                  flush=True)
+            try:
+                self._regroup()
+                return
+            except (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+                if attempt + 1 == attempts:
+                    raise
+                error = e
+
+    def _regroup(self) -> None:
         deadline = time.time() + max(self.cfg.timeout_s, 300)
         pids = [_wait_ready(a, deadline) for a in [self.learner, *self.engines]]
         if pids[0] != self.learner_pid:
