@@ -130,3 +130,35 @@ def test_killed_learner_resumes_from_the_last_checkpoint(tmp_path, ray_cluster):
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
     # Restored from a trained checkpoint, not the initial model: reward stays above the start.
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.05
+
+
+def test_cli_run_leaves_no_processes_behind(tmp_path):
+    """A finished run takes its Ray cluster, engines (and their vLLM processes) and
+    learner down with it. Its processes are told apart by an inherited variable."""
+    import os
+    import uuid
+
+    token = uuid.uuid4().hex
+    out = subprocess.run([sys.executable, "-m", "rlloop.train", "+conf=grpo", "trainer.steps=3",
+                          "trainer.sft_steps=2", f"output_dir={tmp_path}", "name=orphans"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RLLOOP_PROCESS_TAG": token})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "orphans: 3 steps in" in out.stdout
+    deadline = time.time() + 60
+    while (left := _tagged_processes(token)) and time.time() < deadline:
+        time.sleep(1)
+    assert not left, f"processes left behind: {left}"
+
+
+def _tagged_processes(token: str) -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("RLLOOP_PROCESS_TAG") == token:
+                found.append(" ".join(p.cmdline())[:120])
+        except psutil.Error:
+            pass
+    return found
