@@ -31,6 +31,9 @@ from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
 
 # What a call on a dead or restarting actor raises.
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# What recovery itself may meet: also a member's task failing on the broken group, or
+# a member not answering in time.
+ACTOR_TROUBLE = (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError)
 
 
 def _wait_ready(actor, deadline: float):
@@ -139,7 +142,7 @@ class Coordinator:
             try:
                 self._regroup()
                 return
-            except (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
+            except ACTOR_TROUBLE as e:
                 if attempt + 1 == attempts:
                     raise
                 error = e
@@ -156,7 +159,7 @@ class Coordinator:
         for e in self.engines:
             try:
                 ray.get(e.leave_weight_group.remote(), timeout=60)
-            except (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+            except ACTOR_TROUBLE:
                 # Its vLLM engine died with the broken transfer (EngineDeadError):
                 # restart the whole actor; it comes back on its initial weights.
                 ray.kill(e, no_restart=False)
@@ -194,7 +197,8 @@ class Coordinator:
     def _submit_rollout(self):
         cfg = self.cfg
         problems = [self.rng.choice(cfg.problems) for _ in range(cfg.batch_prompts)]
-        prompts = [self._encode(p.prompt) for p in problems for _ in range(cfg.group_size)]
+        encoded = [self._encode(p.prompt) for p in problems]
+        prompts = [ids for ids in encoded for _ in range(cfg.group_size)]
         sampling = Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         # Whole groups go to one engine, round robin.
         per_engine = [[] for _ in self.engines]

@@ -38,6 +38,12 @@ def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (NCCL broadcasts, copies) so timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class WeightGroupTimeout(TimeoutError):
     pass
 

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from .group import WeightGroupConfig, broadcast_async, copy_all, join_weight_group, wire_device
+from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
+                    wire_device)
 from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
 from .protocol import WeightUpdateRequest, unpack
 
@@ -73,7 +74,7 @@ class WeightReceiver:
             self._rl_receive_direct(request, state)
         else:
             self._rl_receive_checkpoint(request, state)
-        _sync(self.device)
+        synchronize(self.device)
         return {"mode": state.mode if load else "raw", "worker_ms": (time.perf_counter() - t0) * 1e3,
                 "fallback_reason": state.reason}
 
@@ -155,7 +156,3 @@ class WeightReceiver:
 
         self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

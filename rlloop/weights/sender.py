@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .group import WeightGroupConfig, broadcast_async, copy_all, join_weight_group, wire_device
+from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
+                    wire_device)
 from .layout import bucket_views
 from .protocol import DTYPES, UpdatePlan, WeightUpdateError, WeightUpdateRequest
 
@@ -56,8 +57,7 @@ class WeightSender:
             works.append(broadcast_async(self.group, buf[:bucket.nbytes]))
         for w in works:
             w.wait()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
 
     def send_raw(self, plan: UpdatePlan) -> dict:
@@ -66,8 +66,7 @@ class WeightSender:
         t0 = time.perf_counter()
         for i, bucket in enumerate(plan.buckets):
             broadcast_async(self.group, bufs[i % len(bufs)][:bucket.nbytes]).wait()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.bucket_bytes}
 
     def close(self) -> None:
