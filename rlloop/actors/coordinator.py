@@ -217,9 +217,10 @@ class Coordinator:
         for engine, idx, fut in futures:
             try:
                 out = ray.get(fut)
-            except ACTOR_GONE as e:
-                # The engine died with these requests: bring it back on the current
-                # weights and issue them again, so no sample is lost.
+            except ACTOR_TROUBLE as e:
+                # The engine (or its vLLM core, after a broken transfer) died with these
+                # requests: bring it back on the current weights and issue them again,
+                # so no sample is lost. A second failure propagates.
                 self._recover(e)
                 self.requests_reissued += len(idx)
                 out = ray.get(engine.generate.remote([prompts[i] for i in idx], sampling))
