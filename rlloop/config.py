@@ -18,7 +18,7 @@ def build_run_config(cfg: DictConfig):
     """Turn the Hydra config into typed dataclasses; a bad value names its key."""
     from rlloop.actors.coordinator import RunConfig
     from rlloop.actors.engine import EngineConfig
-    from rlloop.learner.hf_learner import LearnerConfig
+    from rlloop.learner.policy import LearnerConfig
     from rlloop.models.tiny import build_tiny_model
     from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
 
@@ -36,6 +36,12 @@ def build_run_config(cfg: DictConfig):
     need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
     need("learner.loss_aggregation", lambda v: v in ("token-mean", "sequence-mean"),
          "must be token-mean or sequence-mean")
+    backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
+    tp = need("learner.tensor_parallel_size", pos_int, "must be a positive integer")
+    dp = need("learner.data_parallel_size", pos_int, "must be a positive integer")
+    if backend == "hf" and tp * dp != 1:
+        raise ConfigError("config key 'learner.tensor_parallel_size': the hf learner is one process; "
+                          "use learner.backend=megatron for TP/DP")
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
     out = Path(cfg.output_dir)
     model = cfg.model.path
@@ -63,7 +69,8 @@ def build_run_config(cfg: DictConfig):
         learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
                               max_grad_norm=cfg.learner.max_grad_norm, clip_eps=cfg.learner.clip_eps,
                               aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
-                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype),
+                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype,
+                              backend=backend, tensor_parallel_size=tp, data_parallel_size=dp),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,

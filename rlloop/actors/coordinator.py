@@ -20,32 +20,15 @@ import ray
 import torch
 
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
+from rlloop.actors.learner_group import LearnerGroup
+from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
 from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
 from rlloop.learner.grpo import group_advantages
-from rlloop.learner.hf_learner import HFLearner, LearnerConfig, Sample
+from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
 from rlloop.tasks.arithmetic import Problem, numeric_reward
 from rlloop.weights.group import default_backend
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
-
-
-# What a call on a dead or restarting actor raises.
-ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-# What recovery itself may meet: also a member's task failing on the broken group, or
-# a member not answering in time.
-ACTOR_TROUBLE = (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError)
-
-
-def _wait_ready(actor, deadline: float):
-    """`actor.ready()` once it answers: a restarting actor refuses calls until its
-    constructor is done."""
-    while True:
-        try:
-            return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
-        except ACTOR_GONE:
-            if time.time() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 @dataclass(frozen=True)
@@ -113,14 +96,12 @@ class Coordinator:
         cfg = self.cfg
         self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}",
                                      max_restarts=cfg.engine_restarts) for i in range(cfg.engines)]
-        learner_gpus = 1 if cfg.learner_gpus else 0
-        self.learner = ray.remote(HFLearner).options(
-            name=f"{cfg.name}/learner/0", num_cpus=0, num_gpus=learner_gpus,
-            max_restarts=cfg.learner_restarts).remote(cfg.learner)
-        self.learner_pid = ray.get(self.learner.ready.remote())
+        self.learner = LearnerGroup(cfg.learner, cfg.name, gpus_per_rank=1 if cfg.learner_gpus else 0,
+                                    max_restarts=cfg.learner_restarts)
+        self.learner_pids = self.learner.wait_ready(time.time() + max(cfg.timeout_s, 600))
         ray.get([e.ready.remote() for e in self.engines])
         self._form_group()
-        self.plan = ray.get(self.learner.weight_plan.remote(int(cfg.bucket_mb * 2**20)))
+        self.plan = self.learner.call("weight_plan", int(cfg.bucket_mb * 2**20))
 
     def _form_group(self) -> None:
         cfg = self.cfg
@@ -128,7 +109,7 @@ class Coordinator:
         tp = [cfg.engine.tensor_parallel_size] * cfg.engines
         group = weight_group_config(tp, backend, timeout_s=cfg.timeout_s)
         joins = join_engines(self.engines, tp, group)
-        ray.get([self.learner.join_weight_group.remote(group), *joins], timeout=cfg.timeout_s)
+        ray.get([*self.learner.submit("join_weight_group", group), *joins], timeout=cfg.timeout_s)
 
     def _recover(self, error: Exception, attempts: int = 3) -> None:
         """A member of the weight group died and Ray restarted it: an engine comes back
@@ -149,13 +130,18 @@ class Coordinator:
 
     def _regroup(self) -> None:
         deadline = time.time() + max(self.cfg.timeout_s, 300)
-        pids = [_wait_ready(a, deadline) for a in [self.learner, *self.engines]]
-        if pids[0] != self.learner_pid:
-            self.learner_pid = pids[0]
+        pids = self.learner.wait_ready(deadline)
+        for e in self.engines:
+            wait_ready(e, deadline)
+        if pids != self.learner_pids:
+            if len(pids) > 1:  # the survivors' process groups died with the lost rank
+                self.learner.restart()
+                pids = self.learner.wait_ready(deadline)
+            self.learner_pids = pids
             self.learner_restores += 1
             if self.last_checkpoint is not None:
-                ray.get(self.learner.load_checkpoint.remote(str(self.last_checkpoint)))
-        ray.get(self.learner.leave_weight_group.remote())
+                self.learner.call("load_checkpoint", str(self.last_checkpoint))
+        self.learner.call("leave_weight_group")
         for e in self.engines:
             try:
                 ray.get(e.leave_weight_group.remote(), timeout=60)
@@ -163,7 +149,7 @@ class Coordinator:
                 # Its vLLM engine died with the broken transfer (EngineDeadError):
                 # restart the whole actor; it comes back on its initial weights.
                 ray.kill(e, no_restart=False)
-                _wait_ready(e, deadline)
+                wait_ready(e, deadline)
         self._form_group()
         self._push(recovering=True)
 
@@ -172,7 +158,7 @@ class Coordinator:
         req = WeightUpdateRequest(self.version, self.plan)
         try:
             stats, send = push_update(self.engines, req,
-                                      lambda: ray.get(self.learner.send_weights.remote(req)))
+                                      lambda: self.learner.call("send_weights", req))
         except (*ACTOR_GONE, ray.exceptions.RayTaskError) as e:
             if recovering or isinstance(e, WeightUpdateError):
                 raise
@@ -189,8 +175,8 @@ class Coordinator:
         eos = self.tokenizer.eos_token_id
         for i in range(cfg.sft_steps):
             batch = [self.rng.choice(cfg.problems) for _ in range(cfg.sft_batch)]
-            ray.get(self.learner.sft_step.remote([self._encode(p.prompt) for p in batch],
-                                                 [self._encode(p.answer) + [eos] for p in batch]))
+            self.learner.call("sft_step", [self._encode(p.prompt) for p in batch],
+                              [self._encode(p.answer) + [eos] for p in batch])
 
     # --- rollout ----------------------------------------------------------------------
 
@@ -291,10 +277,10 @@ class Coordinator:
 
     def _train(self, samples) -> dict:
         try:
-            return ray.get(self.learner.train_step.remote(samples))
+            return self.learner.call("train_step", samples)
         except ACTOR_GONE as e:
             self._recover(e)  # learner back on its last checkpoint
-            return ray.get(self.learner.train_step.remote(samples))
+            return self.learner.call("train_step", samples)
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -303,7 +289,7 @@ class Coordinator:
         optimizer state, and the run state needed to continue the curve."""
         path = self.out / "checkpoints" / f"step_{step + 1:06d}"
         path.mkdir(parents=True, exist_ok=True)
-        ray.get(self.learner.save.remote(str(path)))
+        self.learner.call("save", str(path))
         self.tokenizer.save_pretrained(path)
         self.last_checkpoint = path
         state = {"step": step, "version": self.version, "dropped_stale": self.dropped_stale,
@@ -315,7 +301,7 @@ class Coordinator:
         """Continue from checkpoint `cfg.resume` (engines and learner were started from
         its weights); returns the first step to run."""
         state = json.loads((Path(self.cfg.resume) / "run_state.json").read_text())
-        ray.get(self.learner.load_optimizer.remote(self.cfg.resume))
+        self.learner.call("load_optimizer", self.cfg.resume)
         self.version = state["version"]
         self.dropped_stale = state["dropped_stale"]
         self.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))

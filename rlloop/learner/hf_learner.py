@@ -1,53 +1,21 @@
 """A single-process learner on a transformers model and a torch optimizer.
 
-It is the learner for CPU runs and small models until the Megatron learner (TP/DP,
-rlloop/learner, issue 3) replaces it behind the same methods: `sft_step`,
-`train_step`, `weight_plan`, `join_weight_group`, `send_weights`, `save`.
+The quick learner for CPU runs and small models; megatron_learner.py is the one for
+TP/DP. Both answer the same methods (policy.py plus `weight_plan`,
+`join_weight_group`, `send_weights`, `save`, `load_checkpoint`).
 It is also the weight sender: rank 0 of the weight group, so weights flow straight
 from the learner to the engines.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 
-from rlloop.learner.grpo import grpo_loss
+from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import UpdatePlan, WeightUpdateRequest, make_plan, parameter_infos
 
 
-@dataclass
-class Sample:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    behaviour_logprobs: list[float]
-    advantage: float
-    reward: float
-    version_start: int
-    version_end: int
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    model: str
-    lr: float = 1e-4
-    sft_lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    clip_eps: float = 0.2
-    aggregation: str = "token-mean"
-    kl_coef: float = 0.0
-    tis_cap: float | None = None
-    seed: int = 0
-    num_threads: int = 1
-    pad_id: int = 1
-    device: str = "auto"  # auto: cuda when the actor was given a GPU, else cpu
-    dtype: str = "float32"  # parameters and optimizer state; bfloat16 halves memory on GPU
-
-
-class HFLearner:
+class HFLearner(PolicyLearner):
     def __init__(self, cfg: LearnerConfig):
         from transformers import AutoModelForCausalLM
 
@@ -69,73 +37,22 @@ class HFLearner:
         self._plan: UpdatePlan | None = None
         self.steps = 0
 
-    # --- batches ----------------------------------------------------------------------
-
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]]):
-        """Right-padded input ids, attention mask and the completion-token mask that
-        lines up with the shifted log-probs ([N, T-1])."""
-        seqs = [p + c for p, c in zip(prompts, completions)]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.cfg.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        comp = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-        for i, (p, s) in enumerate(zip(prompts, seqs)):
-            ids[i, :len(s)] = torch.tensor(s)
-            attn[i, :len(s)] = 1
-            comp[i, len(p) - 1:len(s) - 1] = True
-        return ids.to(self.device), attn.to(self.device), comp.to(self.device)
-
-    def _token_logprobs(self, model, ids, attn):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
+    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
+        model = self.ref if reference else self.model
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
         tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        entropy = -(logp.exp() * logp).sum(-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
         return tok, entropy
 
-    # --- training ---------------------------------------------------------------------
-
-    def sft_step(self, prompts: list[list[int]], targets: list[list[int]]) -> dict:
-        """One supervised step on prompt -> target (warm-up before RL)."""
+    def optimize(self, loss: torch.Tensor, lr: float) -> float:
         for g in self.opt.param_groups:
-            g["lr"] = self.cfg.sft_lr
-        ids, attn, comp = self._batch(prompts, targets)
-        tok, _ = self._token_logprobs(self.model, ids, attn)
-        loss = -(tok * comp).sum() / comp.sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.opt.step()
-        return {"sft_loss": loss.item()}
-
-    def train_step(self, samples: list[Sample]) -> dict:
-        """One GRPO optimizer step over `samples` (advantages already computed)."""
-        for g in self.opt.param_groups:
-            g["lr"] = self.cfg.lr
-        t0 = time.perf_counter()
-        ids, attn, comp = self._batch([s.prompt_ids for s in samples],
-                                      [s.completion_ids for s in samples])
-        behaviour = torch.zeros(comp.shape)
-        comp_cpu = comp.cpu()
-        for i, s in enumerate(samples):
-            behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
-        behaviour = behaviour.to(self.device)
-        adv = torch.tensor([s.advantage for s in samples], device=self.device)
-        logp, entropy = self._token_logprobs(self.model, ids, attn)
-        ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = self._token_logprobs(self.ref, ids, attn)
-        loss, metrics = grpo_loss(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
-                                  ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
+            g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
-        self.steps += 1
-        n = comp.sum().clamp(min=1)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(),
-                "entropy": ((entropy.detach() * comp).sum() / n).item(),
-                "train_ms": (time.perf_counter() - t0) * 1e3, **metrics}
+        return grad_norm.item()
 
     # --- weights ----------------------------------------------------------------------
 
@@ -152,12 +69,6 @@ class HFLearner:
         from rlloop.weights.sender import WeightSender
 
         self.sender = WeightSender(cfg, self.device)
-
-    def ready(self) -> int:
-        """This incarnation's pid: a restarted learner answers with a new one."""
-        import os
-
-        return os.getpid()
 
     def leave_weight_group(self) -> None:
         if self.sender is not None:

@@ -1,4 +1,4 @@
-"""Build small Qwen2-architecture models locally: config, tokenizer and safetensors
+"""Build small Qwen2 / Qwen3 / Llama-architecture models locally: config, tokenizer and safetensors
 weights written by our code, so tests and the embedded default never touch a hub.
 
 The tokenizer is character-level (digits, letters, punctuation), which is all the
@@ -36,27 +36,29 @@ def write_char_tokenizer(path: Path) -> int:
     return len(vocab)
 
 
-def tiny_qwen2_config(vocab_size: int, **overrides):
-    from transformers import Qwen2Config
+def tiny_config(vocab_size: int, family: str = "qwen2", **overrides):
+    """A small config of `family`: qwen2 (QKV bias, tied), qwen3 (QK-norm, untied)
+    or llama (no biases, untied)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     cfg = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=family == "qwen2",
         bos_token_id=0, eos_token_id=0, pad_token_id=1, torch_dtype="float32",
     )
     cfg.update(overrides)
-    return Qwen2Config(**cfg)
+    return {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family](**cfg)
 
 
 def build_tiny_model(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     **config_overrides) -> Path:
-    """Write a randomly initialised tiny Qwen2 model + tokenizer to `path` (an HF dir)."""
+                     family: str = "qwen2", **config_overrides) -> Path:
+    """Write a randomly initialised tiny model + tokenizer to `path` (an HF dir)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     vocab_size = write_char_tokenizer(path)
-    config = tiny_qwen2_config(vocab_size, **config_overrides)
+    config = tiny_config(vocab_size, family, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,369 @@
+"""The megatron-core learner: one Ray actor per rank, TP x DP ranks joined by
+torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel_state.
+
+Each rank builds a `GPTModel` (local layer spec, no Transformer Engine) from an HF
+config, loads its TP shard from the HF safetensors directory, trains its DP share of
+each batch, and takes part in exporting the weights:
+
+  export  for each bucket of the HF update plan, the TP ranks gather the Megatron
+          parameters that bucket needs onto TP rank 0 (global rank 0), which
+          converts them to HF tensors, packs them into the bucket and broadcasts it
+          to every engine worker over the weight group. A rank holds at most one
+          bucket plus one gathered parameter beyond its own shard; no rank ever
+          holds a full copy of the model. Engines of any TP size take the same
+          full HF tensors and shard them as they load.
+
+Log-probs are vocab-parallel: each TP rank keeps its slice of the logits and only
+[tokens]-sized reductions cross ranks, never the full vocabulary. On CPU the
+optimizer is torch AdamW with DP gradient averaging and TP-aware clipping; on GPU it
+is megatron's (DistributedDataParallel + mixed-precision Adam with fp32 masters).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from rlloop.learner import megatron_shims
+from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_hf, to_megatron, units
+from rlloop.learner.policy import LearnerConfig, PolicyLearner
+from rlloop.weights.group import WeightGroupConfig
+from rlloop.weights.protocol import (DTYPES, ParameterInfo, UpdatePlan, WeightUpdateError,
+                                     WeightUpdateRequest, dtype_name, make_plan)
+
+MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens")
+
+
+def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device):
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=arch.rms_eps,
+        add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True, activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
+        # fused kernels need CUDA extensions (apex/TE); the unfused paths run anywhere
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True, tensor_model_parallel_size=tp_size,
+        use_cpu_initialization=device.type == "cpu", perform_initialization=False,  # loaded next
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+    )
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
+                     vocab_size=arch.padded_vocab(tp_size), max_sequence_length=arch.max_positions,
+                     position_embedding_type="rope", rotary_base=arch.rope_theta,
+                     share_embeddings_and_output_weights=arch.tied, parallel_output=True)
+    return model.to(device=device, dtype=dtype)  # the norms are created as fp32 CPU modules
+
+
+class _SafetensorsDir(Mapping):
+    """HF tensors of a local checkpoint directory, read one at a time on demand."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._files = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            handle = safe_open(str(f), framework="pt")
+            self._files.update({k: handle for k in handle.keys()})
+        if not self._files:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._files[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+class _ExportStream(Mapping):
+    """HF tensors produced unit by unit as the sender asks for them, in plan order;
+    each is dropped once handed out."""
+
+    def __init__(self, learner: "MegatronLearner", order: list[Unit]):
+        self._learner = learner
+        self._units = iter(order)
+        self._ready: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        while name not in self._ready:
+            unit = next(self._units)
+            self._ready.update(self._learner.gather_hf(unit))
+        return self._ready.pop(name)
+
+    def __iter__(self):
+        return iter(self._ready)
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+
+class MegatronLearner(PolicyLearner):
+    def __init__(self, cfg: LearnerConfig, rank: int, master_addr: str, master_port: int):
+        from megatron.core import parallel_state
+        from transformers import AutoConfig
+
+        megatron_shims.install()
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.num_threads)
+        self.cfg = cfg
+        self.steps = 0
+        on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        tp, dp = cfg.tensor_parallel_size, cfg.data_parallel_size
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=rank, world_size=tp * dp, timeout=timedelta(minutes=10))
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        if on_gpu:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(cfg.seed)
+        self.rank = rank
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_rank, self.tp_size = parallel_state.get_tensor_model_parallel_rank(), tp
+        self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), dp
+        self.arch = arch_from_hf(AutoConfig.from_pretrained(cfg.model))
+        check_tp(self.arch, tp)
+        self.units = units(self.arch)
+        self.dtype = DTYPES[cfg.dtype]
+        self.model = self._load(cfg.model)
+        self.ref = self._load(cfg.model).eval() if cfg.kl_coef > 0 else None
+        self.params = dict(self.model.named_parameters())
+        # Columns of this rank's logit slice past the real vocabulary (padding).
+        per_rank = self.arch.padded_vocab(tp) // tp
+        first = self.tp_rank * per_rank
+        self.vocab_mask = torch.where(torch.arange(first, first + per_rank) < self.arch.vocab_size,
+                                      0.0, MASKED_LOGIT).to(self.device)
+        self._causal: dict[int, torch.Tensor] = {}
+        self.ddp = None
+        if on_gpu:
+            self._megatron_optimizer()
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sender = None
+        self._plan: UpdatePlan | None = None
+        self._order: dict[str, list[Unit]] = {}
+
+    # --- model ------------------------------------------------------------------------
+
+    def _load(self, path: str):
+        model = build_gpt(self.arch, self.tp_size, self.dtype, self.device)
+        self._copy_in(model, _SafetensorsDir(path))
+        return model
+
+    def _copy_in(self, model, hf: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        expected = {u.megatron for u in self.units}
+        if set(params) != expected:
+            raise RuntimeError(f"megatron model and conversion disagree: "
+                               f"{sorted(set(params) ^ expected)[:5]}")
+        with torch.no_grad():
+            for u in self.units:
+                params[u.megatron].copy_(to_megatron(u, self.arch, hf, self.tp_rank, self.tp_size))
+
+    def _megatron_optimizer(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        cfg = self.cfg
+        self.ddp = DistributedDataParallel(
+            self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
+        self.opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                            clip_grad=cfg.max_grad_norm),
+            [self.ddp])
+
+    def logits(self, ids: torch.Tensor, model=None) -> torch.Tensor:
+        """This TP rank's slice of the logits, [N, T, padded_vocab / tp]."""
+        model = model or self.ddp or self.model
+        n, t = ids.shape
+        mask = self._causal.get(t)
+        if mask is None:  # megatron takes True = masked
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.device), 1)[None, None]
+            self._causal = {t: mask}
+        pos = torch.arange(t, device=self.device).expand(n, t)
+        return model(ids.to(self.device), pos, mask)
+
+    def full_logits(self, ids: list[list[int]]) -> torch.Tensor:
+        """All-gathered logits over the real vocabulary, on CPU (for parity checks)."""
+        with torch.no_grad():
+            local = self.logits(torch.tensor(ids)).float().contiguous()
+            parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+            dist.all_gather(parts, local, group=self.tp_group)
+        return torch.cat(parts, dim=-1)[..., :self.arch.vocab_size].cpu()
+
+    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        model = self.ref if reference else None
+        z = self.logits(ids, model)[:, :-1].float() + self.vocab_mask
+        with torch.no_grad():  # entropy = log Z - E_p[z], from token-sized reductions
+            m = z.max(dim=-1).values
+            dist.all_reduce(m, dist.ReduceOp.MAX, group=self.tp_group)
+            e = torch.exp(z - m[..., None])
+            sums = torch.stack([e.sum(-1), (e * (z - m[..., None])).sum(-1)])
+            dist.all_reduce(sums, group=self.tp_group)
+            entropy = sums[0].log() - sums[1] / sums[0]
+        # after the entropy: megatron's cross entropy works on its input in place
+        tok = -vocab_parallel_cross_entropy(z, ids[:, 1:])
+        return tok, entropy
+
+    def my_share(self, items: list) -> list:
+        return items[self.dp_rank::self.dp_size]
+
+    def replica_mean(self, value: float) -> float:
+        t = torch.tensor([value / self.dp_size], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dp_group)
+        return t.item()
+
+    # --- optimizer --------------------------------------------------------------------
+
+    def optimize(self, loss: torch.Tensor, lr: float) -> float:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+            self.opt.zero_grad()
+            loss.backward()
+            self.ddp.finish_grad_sync()
+            _, grad_norm, _ = self.opt.step()
+            return float(grad_norm)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.dp_size > 1:
+            flat = _flatten_dense_tensors(grads) / self.dp_size  # one all-reduce for all
+            dist.all_reduce(flat, group=self.dp_group)
+            torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
+        norm = self._grad_norm()
+        if norm > self.cfg.max_grad_norm:
+            torch._foreach_mul_(grads, self.cfg.max_grad_norm / (norm + 1e-6))
+        self.opt.step()
+        return norm
+
+    def _grad_norm(self) -> float:
+        """The norm of the whole model's gradient: TP-sharded parameters summed over TP
+        ranks, replicated ones (identical on every rank) counted once."""
+        sharded, replicated = torch.zeros(()), torch.zeros(())
+        for u in self.units:  # (megatron marks TP parameters only when it initialises them)
+            grad = self.params[u.megatron].grad
+            if grad is not None:
+                sq = grad.float().pow(2).sum().cpu()
+                if u.kind == "replicated":
+                    replicated += sq
+                else:
+                    sharded += sq
+        dist.all_reduce(sharded, group=self.tp_group)
+        return (sharded + replicated).sqrt().item()
+
+    # --- weights ----------------------------------------------------------------------
+
+    def gather_hf(self, unit: Unit) -> dict[str, torch.Tensor]:
+        """The HF tensors of `unit`, on TP rank 0; other TP ranks send their shard and
+        get {}. Every TP rank must call this for the same units in the same order."""
+        local = self.params[unit.megatron].detach()
+        if unit.kind == "replicated" or self.tp_size == 1:
+            return to_hf(unit, self.arch, [local] * self.tp_size) if self.tp_rank == 0 else {}
+        shards = [torch.empty_like(local) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+        dist.gather(local.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0),
+                    group=self.tp_group)
+        return to_hf(unit, self.arch, shards) if self.tp_rank == 0 else {}
+
+    def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
+        """The HF update plan, in the engines' names and shapes; computed once."""
+        if self._plan is None:
+            infos = [ParameterInfo(name, shape, dtype_name(self.dtype))
+                     for u in self.units
+                     for name, shape in hf_shapes(u, self.arch, self.params[u.megatron], self.tp_size).items()]
+            self._plan = make_plan(infos, bucket_bytes)
+        return self._plan
+
+    def _export_order(self, plan: UpdatePlan) -> list[Unit]:
+        """Units in the order the plan's buckets first need them; cached per plan."""
+        order = self._order.get(plan.key)
+        if order is None:
+            unit_of = {n: u for u in self.units for n in u.hf}
+            order = []
+            for bucket in plan.buckets:
+                for e in bucket.entries:
+                    u = unit_of[plan.params[e.param].name]
+                    if u not in order:
+                        order.append(u)
+            self._order = {plan.key: order}
+        return order
+
+    def join_weight_group(self, cfg: WeightGroupConfig) -> None:
+        from rlloop.weights.sender import WeightSender
+
+        if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
+            self.sender = WeightSender(cfg, self.device)
+
+    def leave_weight_group(self) -> None:
+        if self.sender is not None:
+            try:
+                self.sender.close()
+            except Exception:  # a group broken by a dead member may not close cleanly
+                pass
+            self.sender = None
+
+    def send_weights(self, request: WeightUpdateRequest) -> dict:
+        if self._plan is None or request.plan.key != self._plan.key:
+            raise WeightUpdateError("update request's plan is not this learner's weight_plan()")
+        if self.dp_rank != 0:
+            return {}
+        order = self._export_order(request.plan)
+        if self.rank == 0:
+            return self.sender.send(request, _ExportStream(self, order))
+        for unit in order:
+            self.gather_hf(unit)
+        return {}
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """An HF directory (config and tokenizer copied from the source model) plus each
+        rank's optimizer state."""
+        from safetensors.torch import save_file
+
+        hf: dict[str, torch.Tensor] = {}
+        if self.dp_rank == 0:
+            for u in self.units:
+                hf.update({n: t.cpu() for n, t in self.gather_hf(u).items()})
+        out = Path(path)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.arch.tied:
+                hf.pop("lm_head.weight")  # HF stores a tied head once
+            save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+            for f in Path(self.cfg.model).iterdir():
+                if f.name in ("config.json", "generation_config.json") or f.name.startswith(TOKENIZER_FILES):
+                    shutil.copy(f, out / f.name)
+        dist.barrier()
+        torch.save({"optimizer": self.opt.state_dict(), "steps": self.steps},
+                   out / f"learner_state_rank{self.rank}.pt")
+
+    def load_checkpoint(self, path: str) -> int:
+        """Weights and optimizer of a checkpoint (after a restart on the initial weights)."""
+        self._copy_in(self.model, _SafetensorsDir(path))
+        return self.load_optimizer(path)
+
+    def load_optimizer(self, path: str) -> int:
+        extra = torch.load(Path(path) / f"learner_state_rank{self.rank}.pt", weights_only=False)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.steps = extra["steps"]
+        return self.steps

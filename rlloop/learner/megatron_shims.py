@@ -1,0 +1,34 @@
+"""Every shim megatron-core 0.16 needs to run on CPU, in one place.
+
+megatron-core's modules run on CPU (gloo groups, `use_cpu_initialization=True`, an
+explicit causal mask), except for a few hard-coded CUDA calls:
+
+1. `torch.cuda.current_device()` is passed as `device=` when layers allocate
+   buffers (tensor_parallel/layers.py, mappings.py, rotary embeddings). On CPU it
+   returns "cpu", which every such call accepts.
+2. The CUDA RNG tracker's `fork()` (entered around dropout and weight init in TP
+   regions) switches CUDA generator states. Dropout is 0 in RL fine-tuning and the
+   weights are loaded from a checkpoint, so on CPU `fork()` is a no-op context.
+
+Megatron's DistributedDataParallel and optimizer allocate CUDA buffers throughout;
+the learner uses them on GPU only and a torch optimizer on CPU (learner/megatron.py).
+On a machine with CUDA, `install()` changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    megatron_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    _installed = True

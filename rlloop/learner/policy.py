@@ -1,0 +1,129 @@
+"""What every learner shares: the batch layout, the SFT warm-up step and the GRPO
+step. A backend (transformers in hf_learner.py, megatron-core in megatron_learner.py)
+supplies the model, per-token log-probs and the optimizer step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlloop.learner.grpo import grpo_loss
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    advantage: float
+    reward: float
+    version_start: int
+    version_end: int
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    model: str
+    lr: float = 1e-4
+    sft_lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_eps: float = 0.2
+    aggregation: str = "token-mean"
+    kl_coef: float = 0.0
+    tis_cap: float | None = None
+    seed: int = 0
+    num_threads: int = 1
+    pad_id: int = 1
+    device: str = "auto"  # auto: cuda when the actor was given a GPU, else cpu
+    dtype: str = "float32"  # parameters (and, on CPU, optimizer state); bfloat16 on GPU
+    backend: str = "hf"  # hf: transformers, one process | megatron: megatron-core, TP x DP ranks
+    tensor_parallel_size: int = 1  # megatron only
+    data_parallel_size: int = 1  # megatron only
+
+
+def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
+    """Right-padded input ids and the completion-token mask that lines up with the
+    shifted log-probs ([N, T-1]). Causal attention never sees the right padding."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    comp = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        comp[i, len(p) - 1:len(s) - 1] = True
+    return ids.to(device), comp.to(device)
+
+
+class PolicyLearner:
+    """Subclasses set self.cfg, self.device, self.steps and implement the hooks below."""
+
+    cfg: LearnerConfig
+    device: torch.device
+    steps: int
+
+    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
+        """(log-prob of each next token [N, T-1] with grad, entropy [N, T-1] without)."""
+        raise NotImplementedError
+
+    def optimize(self, loss: torch.Tensor, lr: float) -> float:
+        """Backward, clip, step at `lr`; returns the gradient norm before clipping."""
+        raise NotImplementedError
+
+    def my_share(self, items: list) -> list:
+        """This rank's part of a batch (data parallelism); everything on one rank."""
+        return items
+
+    def replica_mean(self, value: float) -> float:
+        """A metric averaged over data-parallel ranks; one rank: itself."""
+        return value
+
+    def sft_step(self, prompts: list[list[int]], targets: list[list[int]]) -> dict:
+        """One supervised step on prompt -> target (warm-up before RL)."""
+        prompts, targets = self.my_share(prompts), self.my_share(targets)
+        ids, comp = pack_batch(prompts, targets, self.cfg.pad_id, self.device)
+        tok, _ = self.token_logprobs(ids)
+        loss = -(tok * comp).sum() / comp.sum()
+        self.optimize(loss, self.cfg.sft_lr)
+        return {"sft_loss": self.replica_mean(loss.item())}
+
+    def train_step(self, samples: list[Sample]) -> dict:
+        """One GRPO optimizer step over `samples` (advantages already computed)."""
+        t0 = time.perf_counter()
+        samples = self.my_share(samples)
+        ids, comp = pack_batch([s.prompt_ids for s in samples], [s.completion_ids for s in samples],
+                               self.cfg.pad_id, self.device)
+        behaviour = torch.zeros(comp.shape)
+        comp_cpu = comp.cpu()
+        for i, s in enumerate(samples):
+            behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
+        behaviour = behaviour.to(self.device)
+        adv = torch.tensor([s.advantage for s in samples], device=self.device)
+        logp, entropy = self.token_logprobs(ids)
+        ref_logp = None
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp, _ = self.token_logprobs(ids, reference=True)
+        loss, metrics = grpo_loss(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
+                                  ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
+        grad_norm = self.optimize(loss, self.cfg.lr)
+        self.steps += 1
+        n = comp.sum().clamp(min=1)
+        return {"loss": self.replica_mean(loss.item()), "grad_norm": grad_norm,
+                "entropy": self.replica_mean(((entropy * comp).sum() / n).item()),
+                "train_ms": (time.perf_counter() - t0) * 1e3, **metrics}
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """The policy's log-prob of each completion token (no training)."""
+        with torch.no_grad():
+            ids, comp = pack_batch(prompts, completions, self.cfg.pad_id, self.device)
+            tok, _ = self.token_logprobs(ids)
+        return [tok[i][comp[i]].tolist() for i in range(len(prompts))]
+
+    def ready(self) -> int:
+        """This incarnation's pid: a restarted learner answers with a new one."""
+        import os
+
+        return os.getpid()
