@@ -207,6 +207,16 @@ class MegatronLearner(PolicyLearner):
             dist.all_gather(parts, local, group=self.tp_group)
         return torch.cat(parts, dim=-1)[..., :self.arch.vocab_size].cpu()
 
+    def greedy_agreement(self, prompts: list[list[int]], completions: list[list[int]]) -> float:
+        """Fraction of completion tokens that are this model's argmax given the tokens
+        before them: 1.0 for another engine's greedy output on the same weights."""
+        hits, total = 0, 0
+        for p, c in zip(prompts, completions):
+            pred = self.full_logits([p + c])[0, len(p) - 1:-1].argmax(-1)
+            hits += int((pred == torch.tensor(c)).sum())
+            total += len(c)
+        return hits / total
+
     def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -332,6 +342,10 @@ class MegatronLearner(PolicyLearner):
         for unit in order:
             self.gather_hf(unit)
         return {}
+
+    def send_raw(self, plan: UpdatePlan) -> dict:
+        """The floor: the plan's bytes broadcast with no gather, conversion or packing."""
+        return self.sender.send_raw(plan) if self.sender is not None else {}
 
     # --- checkpoints ------------------------------------------------------------------
 

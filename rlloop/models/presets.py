@@ -22,13 +22,22 @@ PRESETS = {
 }
 
 
-def model_dir(name: str, path: str | Path, dtype: str = "bfloat16") -> Path:
+def model_dir(name: str, path: str | Path, dtype: str = "bfloat16", weights: bool = False) -> Path:
     """`tiny` builds a real tiny model with weights; a preset writes config + tokenizer
-    only (start engines with load_format="dummy")."""
+    (start engines with load_format="dummy") and, with `weights`, random weights too
+    (for a learner, which loads a real checkpoint)."""
     path = Path(path)
     if name == "tiny":
         return build_tiny_model(path)
     cfg = dict(PRESETS[name], torch_dtype=dtype)
     write_char_tokenizer(path)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    if weights:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+        model.save_pretrained(path, safe_serialization=True)
     return path
