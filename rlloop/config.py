@@ -49,6 +49,11 @@ def build_run_config(cfg: DictConfig):
     if cfg.resume is not None:
         resume = str(latest_checkpoint(cfg.resume))
         model = resume  # engines and learner start from the checkpoint's weights
+    elif model is None and cfg.model.preset is not None:
+        from rlloop.models.presets import PRESETS, model_dir
+
+        need("model.preset", lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}")
+        model = str(model_dir(cfg.model.preset, out / "initial_model", dtype=cfg.model.dtype, weights=True))
     elif model is None:
         model = str(build_tiny_model(out / "initial_model", seed=cfg.seed))
     elif not (Path(model) / "config.json").is_file():
@@ -70,13 +75,14 @@ def build_run_config(cfg: DictConfig):
                               max_grad_norm=cfg.learner.max_grad_norm, clip_eps=cfg.learner.clip_eps,
                               aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
                               tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype,
-                              backend=backend, tensor_parallel_size=tp, data_parallel_size=dp),
+                              backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
+                              micro_batch_size=cfg.learner.micro_batch_size),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         max_lag=cfg.rollout.max_lag, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
-        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus,
+        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
         engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts)
 
 

@@ -72,7 +72,7 @@ def trained_tp2(tiny_model, ray_cluster):
     common = dict(sft_lr=3e-3, max_grad_norm=0.5)  # a small clip norm: clipping is exercised
     curves = {}
     learners = {"hf": _learner(tiny_model, "mcore-train-hf", backend="hf", **common),
-                "dp2": _learner(tiny_model, "mcore-train-dp2", dp=2, **common),
+                "dp2": _learner(tiny_model, "mcore-train-dp2", dp=2, micro_batch_size=3, **common),
                 "tp2": _learner(tiny_model, "mcore-train-tp2", tp=2, **common)}
     for key, learner in learners.items():
         curves[key] = [learner.call("sft_step", prompts, targets)["sft_loss"] for _ in range(6)]
@@ -83,9 +83,9 @@ def trained_tp2(tiny_model, ray_cluster):
 
 
 def test_tp_and_dp_learners_train_exactly_like_one_process(trained_tp2):
-    """A few optimizer steps lower the loss on a fixed batch; TP=2 and DP=2 follow the
-    single-process transformers learner step for step (gradient averaging and the
-    TP-aware clipping norm are right)."""
+    """A few optimizer steps lower the loss on a fixed batch; TP=2 and DP=2 (in
+    micro-batches of 3 + 1) follow the single-process transformers learner step for
+    step: gradient averaging, accumulation and the TP-aware clipping norm are right."""
     _, curves = trained_tp2
     print({k: [round(x, 5) for x in v] for k, v in curves.items()})
     assert curves["tp2"][-1] < curves["tp2"][0] - 0.5

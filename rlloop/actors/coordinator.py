@@ -54,7 +54,8 @@ class RunConfig:
     backend: str = "auto"
     timeout_s: float = 120
     seed: int = 0
-    learner_gpus: int = 0  # 1: the learner gets its own GPU (engines take theirs)
+    learner_gpus: float = 0  # per learner rank; 1: its own GPU, 0.5: half of one (shared with an engine)
+    engine_gpus: float | None = None  # per engine; None: its tensor_parallel_size
     engine_restarts: int = 3  # per engine; a restarted engine rejoins and gets the current weights
     learner_restarts: int = 3  # a restarted learner reloads the last checkpoint
     checkpoint_every: int = 0  # steps; 0: only at the end
@@ -94,9 +95,9 @@ class Coordinator:
 
     def _start(self):
         cfg = self.cfg
-        self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}",
+        self.engines = [engine_actor(cfg.engine, name=f"{cfg.name}/engine/{i}", num_gpus=cfg.engine_gpus,
                                      max_restarts=cfg.engine_restarts) for i in range(cfg.engines)]
-        self.learner = LearnerGroup(cfg.learner, cfg.name, gpus_per_rank=1 if cfg.learner_gpus else 0,
+        self.learner = LearnerGroup(cfg.learner, cfg.name, gpus_per_rank=cfg.learner_gpus,
                                     max_restarts=cfg.learner_restarts)
         self.learner_pids = self.learner.wait_ready(time.time() + max(cfg.timeout_s, 600))
         ray.get([e.ready.remote() for e in self.engines])

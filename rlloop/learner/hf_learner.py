@@ -45,11 +45,12 @@ class HFLearner(PolicyLearner):
             entropy = -(logp.exp() * logp).sum(-1)
         return tok, entropy
 
-    def optimize(self, loss: torch.Tensor, lr: float) -> float:
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> float:
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         return grad_norm.item()

@@ -243,18 +243,20 @@ class MegatronLearner(PolicyLearner):
 
     # --- optimizer --------------------------------------------------------------------
 
-    def optimize(self, loss: torch.Tensor, lr: float) -> float:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+    def zero_grad(self) -> None:
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
             self.opt.zero_grad()
-            loss.backward()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> float:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.ddp is not None:  # megatron: DP all-reduce of main_grad, clip, fp32-master Adam
             self.ddp.finish_grad_sync()
             _, grad_norm, _ = self.opt.step()
             return float(grad_norm)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.dp_size > 1:
             flat = _flatten_dense_tensors(grads) / self.dp_size  # one all-reduce for all

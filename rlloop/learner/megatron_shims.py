@@ -11,7 +11,7 @@ explicit causal mask), except for a few hard-coded CUDA calls:
    weights are loaded from a checkpoint, so on CPU `fork()` is a no-op context.
 
 Megatron's DistributedDataParallel and optimizer allocate CUDA buffers throughout;
-the learner uses them on GPU only and a torch optimizer on CPU (learner/megatron.py).
+the learner uses them on GPU only and a torch optimizer on CPU (learner/megatron_learner.py).
 On a machine with CUDA, `install()` changes nothing.
 """
 from __future__ import annotations

@@ -42,6 +42,7 @@ class LearnerConfig:
     backend: str = "hf"  # hf: transformers, one process | megatron: megatron-core, TP x DP ranks
     tensor_parallel_size: int = 1  # megatron only
     data_parallel_size: int = 1  # megatron only
+    micro_batch_size: int = 0  # samples per forward/backward (gradients accumulate); 0: all at once
 
 
 def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
@@ -68,8 +69,11 @@ class PolicyLearner:
         """(log-prob of each next token [N, T-1] with grad, entropy [N, T-1] without)."""
         raise NotImplementedError
 
-    def optimize(self, loss: torch.Tensor, lr: float) -> float:
-        """Backward, clip, step at `lr`; returns the gradient norm before clipping."""
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def step(self, lr: float) -> float:
+        """Clip and apply the accumulated gradients at `lr`; the norm before clipping."""
         raise NotImplementedError
 
     def my_share(self, items: list) -> list:
@@ -80,40 +84,61 @@ class PolicyLearner:
         """A metric averaged over data-parallel ranks; one rank: itself."""
         return value
 
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.cfg.micro_batch_size or n
+        return [slice(i, i + size) for i in range(0, n, size)]
+
     def sft_step(self, prompts: list[list[int]], targets: list[list[int]]) -> dict:
         """One supervised step on prompt -> target (warm-up before RL)."""
         prompts, targets = self.my_share(prompts), self.my_share(targets)
-        ids, comp = pack_batch(prompts, targets, self.cfg.pad_id, self.device)
-        tok, _ = self.token_logprobs(ids)
-        loss = -(tok * comp).sum() / comp.sum()
-        self.optimize(loss, self.cfg.sft_lr)
-        return {"sft_loss": self.replica_mean(loss.item())}
+        total = sum(map(len, targets))
+        self.zero_grad()
+        loss_sum = 0.0
+        for mb in self._micro_batches(len(prompts)):
+            ids, comp = pack_batch(prompts[mb], targets[mb], self.cfg.pad_id, self.device)
+            tok, _ = self.token_logprobs(ids)
+            loss = -(tok * comp).sum() / total
+            loss.backward()
+            loss_sum += loss.item()
+        self.step(self.cfg.sft_lr)
+        return {"sft_loss": self.replica_mean(loss_sum)}
 
     def train_step(self, samples: list[Sample]) -> dict:
-        """One GRPO optimizer step over `samples` (advantages already computed)."""
+        """One GRPO optimizer step over `samples` (advantages already computed), in
+        micro-batches whose losses add up to the loss of the whole batch."""
         t0 = time.perf_counter()
         samples = self.my_share(samples)
-        ids, comp = pack_batch([s.prompt_ids for s in samples], [s.completion_ids for s in samples],
-                               self.cfg.pad_id, self.device)
-        behaviour = torch.zeros(comp.shape)
-        comp_cpu = comp.cpu()
-        for i, s in enumerate(samples):
-            behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
-        behaviour = behaviour.to(self.device)
-        adv = torch.tensor([s.advantage for s in samples], device=self.device)
-        logp, entropy = self.token_logprobs(ids)
-        ref_logp = None
-        if self.cfg.kl_coef > 0:
-            with torch.no_grad():
-                ref_logp, _ = self.token_logprobs(ids, reference=True)
-        loss, metrics = grpo_loss(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
-                                  ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
-        grad_norm = self.optimize(loss, self.cfg.lr)
+        total_tokens = sum(len(s.completion_ids) for s in samples)
+        self.zero_grad()
+        sums: dict[str, float] = {}
+        for mb in self._micro_batches(len(samples)):
+            part = samples[mb]
+            ids, comp = pack_batch([s.prompt_ids for s in part], [s.completion_ids for s in part],
+                                   self.cfg.pad_id, self.device)
+            behaviour = torch.zeros(comp.shape)
+            comp_cpu = comp.cpu()
+            for i, s in enumerate(part):
+                behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
+            behaviour = behaviour.to(self.device)
+            adv = torch.tensor([s.advantage for s in part], device=self.device)
+            logp, entropy = self.token_logprobs(ids)
+            ref_logp = None
+            if self.cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_logp, _ = self.token_logprobs(ids, reference=True)
+            loss, metrics = grpo_loss(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
+                                      ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
+            # This micro-batch's share of the whole batch's mean (tokens or sequences).
+            n_tok = comp.sum().item()
+            weight = n_tok / total_tokens if self.cfg.aggregation == "token-mean" else len(part) / len(samples)
+            (loss * weight).backward()
+            metrics.update(loss=loss.item(), entropy=((entropy * comp).sum() / max(n_tok, 1)).item())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * weight
+        grad_norm = self.step(self.cfg.lr)
         self.steps += 1
-        n = comp.sum().clamp(min=1)
-        return {"loss": self.replica_mean(loss.item()), "grad_norm": grad_norm,
-                "entropy": self.replica_mean(((entropy * comp).sum() / n).item()),
-                "train_ms": (time.perf_counter() - t0) * 1e3, **metrics}
+        return {**{k: self.replica_mean(v) for k, v in sums.items()}, "grad_norm": grad_norm,
+                "train_ms": (time.perf_counter() - t0) * 1e3}
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """The policy's log-prob of each completion token (no training)."""
