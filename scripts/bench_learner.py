@@ -65,7 +65,7 @@ def main(argv=None):
                           name="bench/engine/0", num_gpus=engine_gpus)
     ray.get(engine.ready.remote())
     learner = LearnerGroup(LearnerConfig(model=path, backend="megatron", tensor_parallel_size=args.tp,
-                                         dtype=dtype, lr=1e-6, micro_batch_size=16), "bench", gpus_per_rank=learner_gpus)
+                                         dtype=dtype, lr=1e-6, micro_batch_size=4), "bench", gpus_per_rank=learner_gpus)
     learner.wait_ready(time.time() + 600)
     group = weight_group_config([1], backend, timeout_s=300)
     ray.get([*learner.submit("join_weight_group", group), *join_engines([engine], [1], group)])
@@ -81,6 +81,7 @@ def main(argv=None):
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     export()  # warm-up: buffers, receiver state, first collectives
+    print("exported once", flush=True)
     floor = []
     for _ in range(args.repeats):
         raw = engine.receive_raw.remote(WeightUpdateRequest(version, plan))

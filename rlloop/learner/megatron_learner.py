@@ -237,7 +237,9 @@ class MegatronLearner(PolicyLearner):
         return items[self.dp_rank::self.dp_size]
 
     def replica_mean(self, value: float) -> float:
-        t = torch.tensor([value / self.dp_size], dtype=torch.float64)
+        if self.dp_size == 1:
+            return value
+        t = torch.tensor([value / self.dp_size], dtype=torch.float64, device=self.device)  # nccl: on GPU
         dist.all_reduce(t, group=self.dp_group)
         return t.item()
 

@@ -40,4 +40,7 @@ def model_dir(name: str, path: str | Path, dtype: str = "bfloat16", weights: boo
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
         model.save_pretrained(path, safe_serialization=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this process only wrote the weights: leave the GPU to the actors
     return path
