@@ -162,3 +162,26 @@ def _tagged_processes(token: str) -> list[str]:
         except psutil.Error:
             pass
     return found
+
+
+def test_megatron_tp2_learner_trains_and_survives_losing_a_rank(tmp_path, ray_cluster):
+    """GRPO with a megatron learner of two TP ranks: the coordinator exports through
+    the per-bucket gather, checkpoints per rank; when one rank is killed mid-run all
+    ranks restart together, reload the last checkpoint, and the run completes."""
+    from rlloop.handle import launch_config
+
+    handle = launch_config(_cfg(tmp_path, "trainer.steps=40", "trainer.checkpoint_every=10",
+                                "learner.backend=megatron", "learner.tensor_parallel_size=2",
+                                "name=mcore-tp2", "weights.timeout_s=30"))
+    deadline = time.time() + 300
+    while handle.status()["step"] < 14 and time.time() < deadline:
+        time.sleep(0.5)
+    ray.kill(ray.get_actor("mcore-tp2/learner/1"), no_restart=False)
+    summary = handle.wait(timeout=900, progress=False)
+    rows = handle.metrics()
+    assert summary["steps"] == 40 and summary["learner_restores"] == 1, summary
+    assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
+    assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
+    last = tmp_path / "checkpoints" / "step_000040"
+    assert {p.name for p in last.glob("learner_state_rank*.pt")} == {"learner_state_rank0.pt",
+                                                                      "learner_state_rank1.pt"}

@@ -131,13 +131,10 @@ class Coordinator:
 
     def _regroup(self) -> None:
         deadline = time.time() + max(self.cfg.timeout_s, 300)
-        pids = self.learner.wait_ready(deadline)
+        pids = self.learner.recover(self.learner_pids, deadline)
         for e in self.engines:
             wait_ready(e, deadline)
         if pids != self.learner_pids:
-            if len(pids) > 1:  # the survivors' process groups died with the lost rank
-                self.learner.restart()
-                pids = self.learner.wait_ready(deadline)
             self.learner_pids = pids
             self.learner_restores += 1
             if self.last_checkpoint is not None:
@@ -279,8 +276,10 @@ class Coordinator:
     def _train(self, samples) -> dict:
         try:
             return self.learner.call("train_step", samples)
-        except ACTOR_GONE as e:
-            self._recover(e)  # learner back on its last checkpoint
+        except ACTOR_TROUBLE as e:
+            # A rank died, or a survivor's collective failed with it: the learner comes
+            # back on its last checkpoint. A second failure propagates.
+            self._recover(e)
             return self.learner.call("train_step", samples)
 
     # --- checkpoints ------------------------------------------------------------------

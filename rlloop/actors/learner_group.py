@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ray
 
-from rlloop.actors.liveness import wait_ready
+from rlloop.actors.liveness import ACTOR_TROUBLE, wait_ready
 from rlloop.learner.policy import LearnerConfig
 from rlloop.weights.group import free_port
 
@@ -43,11 +43,23 @@ class LearnerGroup:
         """Each rank's pid, once every rank answers."""
         return [wait_ready(a, deadline) for a in self.actors]
 
-    def restart(self) -> None:
-        """Restart every rank (e.g. after one died: the survivors' process groups are
-        broken); each comes back on its initial weights."""
+    def recover(self, known_pids: list[int], deadline: float) -> list[int]:
+        """Every rank's pid after a failure somewhere in the run. One rank: wait for it
+        (Ray restarts it if it died). Several: if any rank is not the incarnation we
+        knew, or does not answer, restart them all, since the survivors' process
+        groups died with it (a lone restarted rank would wait forever to rendezvous).
+        Restarted ranks come back on their initial weights."""
+        if len(self.actors) == 1:
+            return self.wait_ready(deadline)
+        try:
+            pids = ray.get([a.ready.remote() for a in self.actors], timeout=30)
+        except ACTOR_TROUBLE:
+            pids = None
+        if pids == known_pids:
+            return pids
         for actor in self.actors:
             ray.kill(actor, no_restart=False)
+        return self.wait_ready(deadline)
 
     def kill(self) -> None:
         for actor in self.actors:

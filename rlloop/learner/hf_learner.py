@@ -71,14 +71,6 @@ class HFLearner(PolicyLearner):
 
         self.sender = WeightSender(cfg, self.device)
 
-    def leave_weight_group(self) -> None:
-        if self.sender is not None:
-            try:
-                self.sender.close()
-            except Exception:  # a group broken by a dead member may not close cleanly
-                pass
-            self.sender = None
-
     def send_weights(self, request: WeightUpdateRequest) -> dict:
         tensors = self._tensors()
         self.sender.check(request, tensors)

@@ -155,6 +155,10 @@ class MegatronLearner(PolicyLearner):
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sender = None
+        # What the engines receive: HF names and shapes, from shard shapes alone.
+        self.hf_params = tuple(
+            ParameterInfo(name, shape, dtype_name(self.dtype)) for u in self.units
+            for name, shape in hf_shapes(u, self.arch, self.params[u.megatron], tp).items())
         self._plan: UpdatePlan | None = None
         self._order: dict[str, list[Unit]] = {}
 
@@ -301,10 +305,7 @@ class MegatronLearner(PolicyLearner):
     def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
         """The HF update plan, in the engines' names and shapes; computed once."""
         if self._plan is None:
-            infos = [ParameterInfo(name, shape, dtype_name(self.dtype))
-                     for u in self.units
-                     for name, shape in hf_shapes(u, self.arch, self.params[u.megatron], self.tp_size).items()]
-            self._plan = make_plan(infos, bucket_bytes)
+            self._plan = make_plan(list(self.hf_params), bucket_bytes)
         return self._plan
 
     def _export_order(self, plan: UpdatePlan) -> list[Unit]:
@@ -327,17 +328,9 @@ class MegatronLearner(PolicyLearner):
         if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
             self.sender = WeightSender(cfg, self.device)
 
-    def leave_weight_group(self) -> None:
-        if self.sender is not None:
-            try:
-                self.sender.close()
-            except Exception:  # a group broken by a dead member may not close cleanly
-                pass
-            self.sender = None
-
     def send_weights(self, request: WeightUpdateRequest) -> dict:
-        if self._plan is None or request.plan.key != self._plan.key:
-            raise WeightUpdateError("update request's plan is not this learner's weight_plan()")
+        if request.plan.params != self.hf_params:
+            raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
         if self.dp_rank != 0:
             return {}
         order = self._export_order(request.plan)

@@ -64,6 +64,7 @@ class PolicyLearner:
     cfg: LearnerConfig
     device: torch.device
     steps: int
+    sender = None  # a WeightSender on the rank that broadcasts to the engines
 
     def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
         """(log-prob of each next token [N, T-1] with grad, entropy [N, T-1] without)."""
@@ -146,6 +147,14 @@ class PolicyLearner:
             ids, comp = pack_batch(prompts, completions, self.cfg.pad_id, self.device)
             tok, _ = self.token_logprobs(ids)
         return [tok[i][comp[i]].tolist() for i in range(len(prompts))]
+
+    def leave_weight_group(self) -> None:
+        if self.sender is not None:
+            try:
+                self.sender.close()
+            except Exception:  # a group broken by a dead member may not close cleanly
+                pass
+            self.sender = None
 
     def ready(self) -> int:
         """This incarnation's pid: a restarted learner answers with a new one."""
