@@ -42,6 +42,12 @@ def build_run_config(cfg: DictConfig):
     if backend == "hf" and tp * dp != 1:
         raise ConfigError("config key 'learner.tensor_parallel_size': the hf learner is one process; "
                           "use learner.backend=megatron for TP/DP")
+    from rlloop.learner.policy import resolve_loss
+
+    try:
+        resolve_loss(cfg.learner.loss)
+    except ValueError as e:
+        raise ConfigError(f"config key 'learner.loss': {e}") from None
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
     out = Path(cfg.output_dir)
     model = cfg.model.path
@@ -76,7 +82,7 @@ def build_run_config(cfg: DictConfig):
                               aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
                               tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype,
                               backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
-                              micro_batch_size=cfg.learner.micro_batch_size),
+                              micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,

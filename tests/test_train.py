@@ -60,7 +60,10 @@ def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
 def test_invalid_config_names_the_key(tmp_path):
     for override, key in [("trainer.steps=0", "trainer.steps"), ("rollout.group_size=1", "rollout.group_size"),
                           ("learner.loss_aggregation=sum", "learner.loss_aggregation"),
-                          ("model.path=/nonexistent", "model.path")]:
+                          ("model.path=/nonexistent", "model.path"),
+                          ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
+                          ("learner.backend=deepspeed", "learner.backend"),
+                          ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size")]:
         try:
             build_run_config(_cfg(tmp_path, override))
         except ConfigError as e:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlloop.learner.grpo import grpo_loss
+import importlib
 
 
 @dataclass
@@ -43,6 +43,18 @@ class LearnerConfig:
     tensor_parallel_size: int = 1  # megatron only
     data_parallel_size: int = 1  # megatron only
     micro_batch_size: int = 0  # samples per forward/backward (gradients accumulate); 0: all at once
+    # "module:function" with grpo_loss's signature: (logp, behaviour_logp, advantages,
+    # mask, clip_eps, aggregation, ref_logp, kl_coef, tis_cap) -> (loss, metrics)
+    loss: str = "rlloop.learner.grpo:grpo_loss"
+
+
+def resolve_loss(spec: str):
+    """The policy loss named "module:function"."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"loss {spec!r} is not an importable module:function ({e})") from e
 
 
 def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
@@ -110,6 +122,7 @@ class PolicyLearner:
         t0 = time.perf_counter()
         samples = self.my_share(samples)
         total_tokens = sum(len(s.completion_ids) for s in samples)
+        loss_fn = resolve_loss(self.cfg.loss)
         self.zero_grad()
         sums: dict[str, float] = {}
         for mb in self._micro_batches(len(samples)):
@@ -127,8 +140,8 @@ class PolicyLearner:
             if self.cfg.kl_coef > 0:
                 with torch.no_grad():
                     ref_logp, _ = self.token_logprobs(ids, reference=True)
-            loss, metrics = grpo_loss(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
-                                      ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
+            loss, metrics = loss_fn(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
+                                    ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
             # This micro-batch's share of the whole batch's mean (tokens or sequences).
             n_tok = comp.sum().item()
             weight = n_tok / total_tokens if self.cfg.aggregation == "token-mean" else len(part) / len(samples)
