@@ -121,7 +121,7 @@ def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_
 def test_killed_learner_resumes_from_the_last_checkpoint(tmp_path, ray_cluster):
     from rlloop.handle import launch_config
 
-    handle = launch_config(_cfg(tmp_path, "trainer.steps=30", "trainer.checkpoint_every=5",
+    handle = launch_config(_cfg(tmp_path, "trainer.steps=40", "trainer.checkpoint_every=5",
                                 "name=faulty-learner", "weights.timeout_s=30"))
     deadline = time.time() + 300
     while handle.status()["step"] < 12 and time.time() < deadline:
@@ -129,9 +129,11 @@ def test_killed_learner_resumes_from_the_last_checkpoint(tmp_path, ray_cluster):
     ray.kill(ray.get_actor("faulty-learner/learner/0"), no_restart=False)
     summary = handle.wait(timeout=900, progress=False)
     rows = handle.metrics()
-    assert summary["steps"] == 30 and summary["learner_restores"] == 1
+    assert summary["steps"] == 40 and summary["learner_restores"] == 1
+    # Restored from a trained checkpoint (killed at step >= 12, checkpoints every 5).
+    assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
-    # Restored from a trained checkpoint, not the initial model: reward stays above the start.
+    # And it kept learning from there: reward ends above the start.
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.05
 
 
@@ -183,6 +185,7 @@ def test_megatron_tp2_learner_trains_and_survives_losing_a_rank(tmp_path, ray_cl
     summary = handle.wait(timeout=900, progress=False)
     rows = handle.metrics()
     assert summary["steps"] == 40 and summary["learner_restores"] == 1, summary
+    assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
     last = tmp_path / "checkpoints" / "step_000040"

@@ -76,6 +76,7 @@ class Coordinator:
         self.dropped_stale = 0
         self.failures = 0
         self.learner_restores = 0
+        self.restored_learner_steps: int | None = None  # optimizer steps of the checkpoint last restored
         self.requests_reissued = 0
         self.last_checkpoint: Path | None = None
         self.stop_requested = False
@@ -138,7 +139,7 @@ class Coordinator:
             self.learner_pids = pids
             self.learner_restores += 1
             if self.last_checkpoint is not None:
-                self.learner.call("load_checkpoint", str(self.last_checkpoint))
+                self.restored_learner_steps = self.learner.call("load_checkpoint", str(self.last_checkpoint))
         self.learner.call("leave_weight_group")
         for e in self.engines:
             try:
@@ -316,6 +317,7 @@ class Coordinator:
                 "weight_version": self.version, "dropped_stale": self.dropped_stale,
                 "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
                 "failures": self.failures, "learner_restores": self.learner_restores,
+                "restored_learner_steps": self.restored_learner_steps,
                 "requests_reissued": self.requests_reissued,
                 "tok_s_mean": sum(h["tok_s"] for h in self.history) / max(len(r), 1),
                 "output_dir": str(self.out)}
