@@ -45,14 +45,27 @@ def qwen3_model(tmp_path_factory):
 @pytest.mark.parametrize("family,tp", [("qwen2", 1), ("qwen2", 2), ("qwen3", 2)])
 def test_learner_round_trips_and_computes_like_transformers(family, tp, tiny_model, qwen3_model,
                                                             ray_cluster, tmp_path):
-    """HF -> megatron ranks -> HF is bit-exact, and the learner's logits equal
-    transformers' on the same weights."""
+    """HF -> megatron ranks -> HF is bit-exact (at TP=2 saved in several shards with
+    an index, as HF writes large models), and the learner's logits equal transformers'
+    on the same weights."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
     model = tiny_model if family == "qwen2" else qwen3_model
     learner = _learner(model, f"mcore-{family}-tp{tp}", tp=tp)
     try:
-        learner.call("save", str(tmp_path / "saved"))
-        original, saved = load_file(f"{model}/model.safetensors"), load_file(tmp_path / "saved/model.safetensors")
+        learner.call("save", str(tmp_path / "saved"), 256 << 10 if tp == 2 else 2 << 30)
+        files = sorted((tmp_path / "saved").glob("*.safetensors"))
+        assert (len(files) == 1) == (tp == 1), files  # 1.3 MB in 256 KiB shards at TP=2
+        assert (tmp_path / "saved/model.safetensors.index.json").is_file() == (tp == 2)
+        original, saved = load_file(f"{model}/model.safetensors"), {}
+        for f in files:
+            saved.update(load_file(f))
         assert saved.keys() == original.keys()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+        assert all(torch.equal(reloaded[k], v) for k, v in original.items())
+        assert Path(tmp_path / "saved/tokenizer.json").is_file()
         for name, t in original.items():
             assert torch.equal(saved[name], t), name
         ids = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7], [12, 13, 4, 4, 19, 20, 21, 22, 40, 2]]

@@ -37,6 +37,7 @@ from rlloop.weights.protocol import (DTYPES, ParameterInfo, UpdatePlan, WeightUp
                                      WeightUpdateRequest, dtype_name, make_plan)
 
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
+SAVE_SHARD_BYTES = 2 << 30  # per safetensors file of a saved checkpoint
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens")
 
 
@@ -346,21 +347,46 @@ class MegatronLearner(PolicyLearner):
 
     # --- checkpoints ------------------------------------------------------------------
 
-    def save(self, path: str) -> None:
-        """An HF directory (config and tokenizer copied from the source model) plus each
-        rank's optimizer state."""
+    def save(self, path: str, shard_bytes: int = SAVE_SHARD_BYTES) -> None:
+        """An HF directory (safetensors in shards of at most `shard_bytes`, each written
+        as soon as it fills, so no rank holds the whole model; config and tokenizer
+        copied from the source model) plus each rank's optimizer state."""
+        import json
+
         from safetensors.torch import save_file
 
-        hf: dict[str, torch.Tensor] = {}
-        if self.dp_rank == 0:
-            for u in self.units:
-                hf.update({n: t.cpu() for n, t in self.gather_hf(u).items()})
         out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        shards: list[list[str]] = []  # tensor names per written file
+        pending: dict[str, torch.Tensor] = {}
+
+        def flush():
+            save_file(pending, str(out / f"model-part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending.clear()
+
+        total = 0
+        if self.dp_rank == 0:
+            for u in self.units:  # TP ranks > 0 only send their shards (gather_hf gives {})
+                for name, t in self.gather_hf(u).items():
+                    if name == "lm_head.weight" and self.arch.tied:
+                        continue  # HF stores a tied head once
+                    if pending and sum(x.nbytes for x in pending.values()) + t.nbytes > shard_bytes:
+                        flush()
+                    pending[name] = t.cpu()
+                    total += t.nbytes
         if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            if self.arch.tied:
-                hf.pop("lm_head.weight")  # HF stores a tied head once
-            save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+            flush()
+            n = len(shards)
+            names = (["model.safetensors"] if n == 1 else
+                     [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+            for i, name in enumerate(names):
+                (out / f"model-part-{i}.safetensors").rename(out / name)
+            if n > 1:
+                weight_map = {t: names[i] for i, shard in enumerate(shards) for t in shard}
+                (out / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total},
+                     "weight_map": weight_map}, indent=1))
             for f in Path(self.cfg.model).iterdir():
                 if f.name in ("config.json", "generation_config.json") or f.name.startswith(TOKENIZER_FILES):
                     shutil.copy(f, out / f.name)
