@@ -6,12 +6,12 @@ config, loads its TP shard from the HF safetensors directory, trains its DP shar
 each batch, and takes part in exporting the weights:
 
   export  for each bucket of the HF update plan, the TP ranks gather the Megatron
-          parameters that bucket needs onto TP rank 0 (global rank 0), which
-          converts them to HF tensors, packs them into the bucket and broadcasts it
-          to every engine worker over the weight group. A rank holds at most one
-          bucket plus one gathered parameter beyond its own shard; no rank ever
-          holds a full copy of the model. Engines of any TP size take the same
-          full HF tensors and shard them as they load.
+          parameters that bucket needs onto TP rank 0 (global rank 0) in one
+          collective; rank 0 converts them to HF tensors, packs them into the bucket
+          and broadcasts it to every engine worker over the weight group. Beyond its
+          shard, rank 0 holds about one bucket of gathered shards plus the two bucket
+          buffers; no rank ever holds a full copy of the model. Engines of any TP
+          size take the same full HF tensors and shard them as they load.
 
 Log-probs are vocab-parallel: each TP rank keeps its slice of the logits and only
 [tokens]-sized reductions cross ranks, never the full vocabulary. On CPU the
@@ -91,18 +91,17 @@ class _SafetensorsDir(Mapping):
 
 
 class _ExportStream(Mapping):
-    """HF tensors produced unit by unit as the sender asks for them, in plan order;
-    each is dropped once handed out."""
+    """HF tensors produced bucket by bucket (one gather each) as the sender asks for
+    them, in plan order; each is dropped once handed out."""
 
-    def __init__(self, learner: "MegatronLearner", order: list[Unit]):
+    def __init__(self, learner: "MegatronLearner", order: list[list[Unit]]):
         self._learner = learner
-        self._units = iter(order)
+        self._groups = iter(order)
         self._ready: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         while name not in self._ready:
-            unit = next(self._units)
-            self._ready.update(self._learner.gather_hf(unit))
+            self._ready.update(self._learner.gather_hf(next(self._groups)))
         return self._ready.pop(name)
 
     def __iter__(self):
@@ -161,7 +160,7 @@ class MegatronLearner(PolicyLearner):
             ParameterInfo(name, shape, dtype_name(self.dtype)) for u in self.units
             for name, shape in hf_shapes(u, self.arch, self.params[u.megatron], tp).items())
         self._plan: UpdatePlan | None = None
-        self._order: dict[str, list[Unit]] = {}
+        self._order: dict[str, list[list[Unit]]] = {}
 
     # --- model ------------------------------------------------------------------------
 
@@ -292,36 +291,52 @@ class MegatronLearner(PolicyLearner):
 
     # --- weights ----------------------------------------------------------------------
 
-    def gather_hf(self, unit: Unit) -> dict[str, torch.Tensor]:
-        """The HF tensors of `unit`, on TP rank 0; other TP ranks send their shard and
-        get {}. Every TP rank must call this for the same units in the same order."""
-        local = self.params[unit.megatron].detach()
-        if unit.kind == "replicated" or self.tp_size == 1:
-            return to_hf(unit, self.arch, [local] * self.tp_size) if self.tp_rank == 0 else {}
-        shards = [torch.empty_like(local) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(local.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0),
-                    group=self.tp_group)
-        return to_hf(unit, self.arch, shards) if self.tp_rank == 0 else {}
+    def gather_hf(self, group: list[Unit]) -> dict[str, torch.Tensor]:
+        """The HF tensors of every unit in `group`, on TP rank 0; other TP ranks send
+        their shards and get {}. The TP-sharded units travel in one gather (one
+        collective per bucket on export, not one per tensor). Every TP rank must call
+        this with the same groups in the same order."""
+        sharded = [u for u in group if u.kind != "replicated"] if self.tp_size > 1 else []
+        shards: dict[str, list[torch.Tensor]] = {}
+        if sharded:
+            local = [self.params[u.megatron].detach() for u in sharded]
+            flat = _flatten_dense_tensors(local)
+            parts = [torch.empty_like(flat) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+            dist.gather(flat, parts, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            if self.tp_rank == 0:
+                per_rank = [_unflatten_dense_tensors(part, local) for part in parts]
+                shards = {u.megatron: [r[i] for r in per_rank] for i, u in enumerate(sharded)}
+        if self.tp_rank != 0:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for u in group:
+            mine = self.params[u.megatron].detach()
+            out.update(to_hf(u, self.arch, shards.get(u.megatron, [mine] * self.tp_size)))
+        return out
+
+    def _export_order(self, plan: UpdatePlan) -> list[list[Unit]]:
+        """Per bucket, the units it is the first to need; cached per plan."""
+        order = self._order.get(plan.key)
+        if order is None:
+            unit_of = {n: u for u in self.units for n in u.hf}
+            seen: set[str] = set()
+            order = []
+            for bucket in plan.buckets:
+                group = []
+                for e in bucket.entries:
+                    u = unit_of[plan.params[e.param].name]
+                    if u.megatron not in seen:
+                        seen.add(u.megatron)
+                        group.append(u)
+                order.append(group)
+            self._order = {plan.key: order}
+        return order
 
     def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
         """The HF update plan, in the engines' names and shapes; computed once."""
         if self._plan is None:
             self._plan = make_plan(list(self.hf_params), bucket_bytes)
         return self._plan
-
-    def _export_order(self, plan: UpdatePlan) -> list[Unit]:
-        """Units in the order the plan's buckets first need them; cached per plan."""
-        order = self._order.get(plan.key)
-        if order is None:
-            unit_of = {n: u for u in self.units for n in u.hf}
-            order = []
-            for bucket in plan.buckets:
-                for e in bucket.entries:
-                    u = unit_of[plan.params[e.param].name]
-                    if u not in order:
-                        order.append(u)
-            self._order = {plan.key: order}
-        return order
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
         from rlloop.weights.sender import WeightSender
@@ -337,8 +352,8 @@ class MegatronLearner(PolicyLearner):
         order = self._export_order(request.plan)
         if self.rank == 0:
             return self.sender.send(request, _ExportStream(self, order))
-        for unit in order:
-            self.gather_hf(unit)
+        for group in order:
+            self.gather_hf(group)
         return {}
 
     def send_raw(self, plan: UpdatePlan) -> dict:
@@ -368,7 +383,7 @@ class MegatronLearner(PolicyLearner):
         total = 0
         if self.dp_rank == 0:
             for u in self.units:  # TP ranks > 0 only send their shards (gather_hf gives {})
-                for name, t in self.gather_hf(u).items():
+                for name, t in self.gather_hf([u]).items():
                     if name == "lm_head.weight" and self.arch.tied:
                         continue  # HF stores a tied head once
                     if pending and sum(x.nbytes for x in pending.values()) + t.nbytes > shard_bytes:
