@@ -18,7 +18,7 @@ def build_run_config(cfg: DictConfig):
     """Turn the Hydra config into typed dataclasses; a bad value names its key."""
     from rlloop.actors.coordinator import RunConfig
     from rlloop.actors.engine import EngineConfig
-    from rlloop.learner.policy import LearnerConfig
+    from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
     from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
 
@@ -42,8 +42,6 @@ def build_run_config(cfg: DictConfig):
     if backend == "hf" and tp * dp != 1:
         raise ConfigError("config key 'learner.tensor_parallel_size': the hf learner is one process; "
                           "use learner.backend=megatron for TP/DP")
-    from rlloop.learner.policy import resolve_loss
-
     try:
         resolve_loss(cfg.learner.loss)
     except ValueError as e:

@@ -99,19 +99,23 @@ def test_resume_continues_the_curve(tmp_path, ray_cluster):
     assert summary["steps"] == 40
 
 
+def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
+    """Launch a run, ray.kill `actor` (Ray restarts it) once `at_step` steps are done,
+    wait for the run to end; its summary and per-step metrics."""
+    from rlloop.handle import launch_config
+
+    handle = launch_config(_cfg(tmp_path, "weights.timeout_s=30", *overrides))
+    deadline = time.time() + 300
+    while handle.status()["step"] < at_step and time.time() < deadline:
+        time.sleep(0.5)
+    ray.kill(ray.get_actor(actor), no_restart=False)
+    return handle.wait(timeout=900, progress=False), handle.metrics()
+
+
 def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_cluster):
     """Issue 5: ray.kill an engine mid-run; the run finishes every step with full
     batches, and the restarted engine ends on the current weight version."""
-    from rlloop.handle import launch_config
-
-    handle = launch_config(_cfg(tmp_path, "trainer.steps=30", "name=faulty", "weights.timeout_s=30"))
-    deadline = time.time() + 300
-    while handle.status()["step"] < 5 and time.time() < deadline:
-        time.sleep(0.5)
-    engine = ray.get_actor("faulty/engine/0")
-    ray.kill(engine, no_restart=False)
-    summary = handle.wait(timeout=900, progress=False)
-    rows = handle.metrics()
+    summary, rows = _kill_mid_run(tmp_path, "faulty/engine/0", 5, "trainer.steps=30", "name=faulty")
     assert summary["steps"] == 30 and summary["failures"] >= 1
     assert (rows["generated"] == 32 * 8).all(), "every step keeps its full batch"
     assert rows["weight_version"].is_monotonic_increasing
@@ -119,16 +123,8 @@ def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_
 
 
 def test_killed_learner_resumes_from_the_last_checkpoint(tmp_path, ray_cluster):
-    from rlloop.handle import launch_config
-
-    handle = launch_config(_cfg(tmp_path, "trainer.steps=40", "trainer.checkpoint_every=5",
-                                "name=faulty-learner", "weights.timeout_s=30"))
-    deadline = time.time() + 300
-    while handle.status()["step"] < 12 and time.time() < deadline:
-        time.sleep(0.5)
-    ray.kill(ray.get_actor("faulty-learner/learner/0"), no_restart=False)
-    summary = handle.wait(timeout=900, progress=False)
-    rows = handle.metrics()
+    summary, rows = _kill_mid_run(tmp_path, "faulty-learner/learner/0", 12, "trainer.steps=40",
+                                  "trainer.checkpoint_every=5", "name=faulty-learner")
     assert summary["steps"] == 40 and summary["learner_restores"] == 1
     # Restored from a trained checkpoint (killed at step >= 12, checkpoints every 5).
     assert summary["restored_learner_steps"] >= 10, summary
@@ -173,17 +169,9 @@ def test_megatron_tp2_learner_trains_and_survives_losing_a_rank(tmp_path, ray_cl
     """GRPO with a megatron learner of two TP ranks: the coordinator exports through
     the per-bucket gather, checkpoints per rank; when one rank is killed mid-run all
     ranks restart together, reload the last checkpoint, and the run completes."""
-    from rlloop.handle import launch_config
-
-    handle = launch_config(_cfg(tmp_path, "trainer.steps=40", "trainer.checkpoint_every=10",
-                                "learner.backend=megatron", "learner.tensor_parallel_size=2",
-                                "name=mcore-tp2", "weights.timeout_s=30"))
-    deadline = time.time() + 300
-    while handle.status()["step"] < 14 and time.time() < deadline:
-        time.sleep(0.5)
-    ray.kill(ray.get_actor("mcore-tp2/learner/1"), no_restart=False)
-    summary = handle.wait(timeout=900, progress=False)
-    rows = handle.metrics()
+    summary, rows = _kill_mid_run(tmp_path, "mcore-tp2/learner/1", 14, "trainer.steps=40",
+                                  "trainer.checkpoint_every=10", "learner.backend=megatron",
+                                  "learner.tensor_parallel_size=2", "name=mcore-tp2")
     assert summary["steps"] == 40 and summary["learner_restores"] == 1, summary
     assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()

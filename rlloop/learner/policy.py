@@ -4,12 +4,11 @@ supplies the model, per-token log-probs and the optimizer step.
 """
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 
 import torch
-
-import importlib
 
 
 @dataclass
