@@ -34,8 +34,6 @@ def build_run_config(cfg: DictConfig):
     group = need("rollout.group_size", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     need("rollout.batch_prompts", pos_int, "must be a positive integer")
     need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
-    need("learner.loss_aggregation", lambda v: v in ("token-mean", "sequence-mean"),
-         "must be token-mean or sequence-mean")
     backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
     tp = need("learner.tensor_parallel_size", pos_int, "must be a positive integer")
     dp = need("learner.data_parallel_size", pos_int, "must be a positive integer")
@@ -46,6 +44,8 @@ def build_run_config(cfg: DictConfig):
         resolve_loss(cfg.learner.loss)
     except ValueError as e:
         raise ConfigError(f"config key 'learner.loss': {e}") from None
+    objective = build_objective(cfg)
+    need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
     out = Path(cfg.output_dir)
     model = cfg.model.path
@@ -76,9 +76,8 @@ def build_run_config(cfg: DictConfig):
                             max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
                             receive_mode=e.receive_mode),
         learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
-                              max_grad_norm=cfg.learner.max_grad_norm, clip_eps=cfg.learner.clip_eps,
-                              aggregation=cfg.learner.loss_aggregation, kl_coef=cfg.learner.kl_coef,
-                              tis_cap=cfg.learner.tis_cap, seed=cfg.seed, dtype=cfg.learner.dtype,
+                              max_grad_norm=cfg.learner.max_grad_norm, objective=objective,
+                              ppo_mini_batches=cfg.learner.ppo_mini_batches, seed=cfg.seed, dtype=cfg.learner.dtype,
                               backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
                               micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
@@ -88,6 +87,24 @@ def build_run_config(cfg: DictConfig):
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
         engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts)
+
+
+# Objective fields set from config keys other than learner.<field>.
+_OBJECTIVE_KEYS = {"aggregation": "learner.loss_aggregation", "norm_tokens": "rollout.max_tokens"}
+
+
+def build_objective(cfg: DictConfig):
+    """The policy objective of `learner.*` (docs/objectives.md); a bad value names its key."""
+    from dataclasses import fields
+
+    from rlloop.learner.grpo import Objective
+
+    keys = {f.name: _OBJECTIVE_KEYS.get(f.name, f"learner.{f.name}") for f in fields(Objective)}
+    try:
+        return Objective(**{name: OmegaConf.select(cfg, key) for name, key in keys.items()})
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise ConfigError(f"config key '{keys.get(field, 'learner')}': {e}") from None
 
 
 def latest_checkpoint(path: str) -> Path:

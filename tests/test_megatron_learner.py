@@ -149,3 +149,47 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
     finally:
         ray.get(engine.shutdown.remote())
         ray.kill(engine)
+
+
+def _uneven_samples(seed: int) -> list:
+    """GRPO samples whose DP=2 shares (every other sample) differ in length 6x: a mean
+    of per-rank token means would weigh the short rank's tokens 6x too much."""
+    from rlloop.learner.policy import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(8):
+        n = 12 if i % 2 == 0 else 2
+        completion = torch.randint(2, 60, (n,), generator=g).tolist()
+        behaviour = (-torch.rand(n, generator=g) * 3 - 0.1).tolist()
+        out.append(Sample([5 + i, 17, 9], completion, behaviour, advantage=1.0 if i % 3 else -1.5,
+                          reward=0.0, version_start=0, version_end=0))
+    return out
+
+
+@pytest.mark.parametrize("anchor", ["behaviour", "proximal"])
+def test_dp2_with_uneven_lengths_equals_one_process(anchor, tiny_model, ray_cluster, tmp_path):
+    """TP=1 DP=2 (micro-batches of 3) normalises by the token count of the whole batch,
+    all-reduced over ranks, so three GRPO steps give the loss and the parameters of
+    the one-process learner on the same batches."""
+    from rlloop.learner.grpo import Objective
+
+    # lr 3e-5: Adam's first steps move each parameter by ~lr whatever its gradient's
+    # size, so float32 rounding in tiny gradients shows as ~lr * 1e-3 (1.5e-6 at 1e-3, six steps);
+    # a wrong normalisation moves parameters by ~lr and the loss by ~0.1.
+    kw = dict(lr=3e-5, objective=Objective(anchor=anchor), ppo_mini_batches=2 if anchor == "proximal" else 1)
+    runs = {}
+    for dp in (1, 2):
+        learner = _learner(tiny_model, f"mcore-uneven-{anchor}-dp{dp}", dp=dp, micro_batch_size=3 if dp == 2 else 0,
+                           **kw)
+        try:
+            losses = [learner.call("train_step", _uneven_samples(s))["loss"] for s in range(3)]
+            learner.call("save", str(tmp_path / f"dp{dp}"))
+        finally:
+            learner.kill()
+        runs[dp] = losses, load_file(str(tmp_path / f"dp{dp}" / "model.safetensors"))
+    (loss1, p1), (loss2, p2) = runs[1], runs[2]
+    param_diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
+    print(f"{anchor}: losses dp1 {loss1} dp2 {loss2}, max |param diff| {param_diff:.2e}")
+    assert max(abs(a - b) for a, b in zip(loss1, loss2)) < 1e-6
+    assert param_diff < 1e-6

@@ -30,7 +30,7 @@ class HFLearner(PolicyLearner):
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device)
         self.model.train()
         self.ref = None
-        if cfg.kl_coef > 0:
+        if cfg.objective.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sender = None

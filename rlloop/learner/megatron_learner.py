@@ -141,7 +141,7 @@ class MegatronLearner(PolicyLearner):
         self.units = units(self.arch)
         self.dtype = DTYPES[cfg.dtype]
         self.model = self._load(cfg.model)
-        self.ref = self._load(cfg.model).eval() if cfg.kl_coef > 0 else None
+        self.ref = self._load(cfg.model).eval() if cfg.objective.kl_coef > 0 else None
         self.params = dict(self.model.named_parameters())
         # Columns of this rank's logit slice past the real vocabulary (padding).
         per_rank = self.arch.padded_vocab(tp) // tp
@@ -240,12 +240,18 @@ class MegatronLearner(PolicyLearner):
     def my_share(self, items: list) -> list:
         return items[self.dp_rank::self.dp_size]
 
-    def replica_mean(self, value: float) -> float:
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._dp_reduce(t, dist.ReduceOp.SUM)
+
+    def dp_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._dp_reduce(t, dist.ReduceOp.MAX)
+
+    def _dp_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.dp_size == 1:
-            return value
-        t = torch.tensor([value / self.dp_size], dtype=torch.float64, device=self.device)  # nccl: on GPU
-        dist.all_reduce(t, group=self.dp_group)
-        return t.item()
+            return t
+        t = t.to(self.device)  # nccl reduces on the GPU
+        dist.all_reduce(t, op, group=self.dp_group)
+        return t.cpu()
 
     # --- optimizer --------------------------------------------------------------------
 
@@ -263,6 +269,10 @@ class MegatronLearner(PolicyLearner):
             self.ddp.finish_grad_sync()
             _, grad_norm, _ = self.opt.step()
             return float(grad_norm)
+        if self.dp_size > 1:  # every rank reduces the same tensors, used or not
+            for p in self.model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.dp_size > 1:
             flat = _flatten_dense_tensors(grads) / self.dp_size  # one all-reduce for all

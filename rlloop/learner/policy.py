@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlloop.learner.grpo import LossInputs, Objective, token_weights, truncated_is
+
 
 @dataclass
 class Sample:
@@ -29,10 +31,8 @@ class LearnerConfig:
     sft_lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    clip_eps: float = 0.2
-    aggregation: str = "token-mean"
-    kl_coef: float = 0.0
-    tis_cap: float | None = None
+    objective: Objective = Objective()
+    ppo_mini_batches: int = 1  # optimizer steps per batch (PPO mini-batches); the anchor stays fixed
     seed: int = 0
     num_threads: int = 1
     pad_id: int = 1
@@ -42,9 +42,8 @@ class LearnerConfig:
     tensor_parallel_size: int = 1  # megatron only
     data_parallel_size: int = 1  # megatron only
     micro_batch_size: int = 0  # samples per forward/backward (gradients accumulate); 0: all at once
-    # "module:function" with grpo_loss's signature: (logp, behaviour_logp, advantages,
-    # mask, clip_eps, aggregation, ref_logp, kl_coef, tis_cap) -> (loss, metrics)
-    loss: str = "rlloop.learner.grpo:grpo_loss"
+    # "module:function" with policy_loss's signature: (LossInputs, Objective) -> (loss, metrics)
+    loss: str = "rlloop.learner.grpo:policy_loss"
 
 
 def resolve_loss(spec: str):
@@ -92,66 +91,111 @@ class PolicyLearner:
         """This rank's part of a batch (data parallelism); everything on one rank."""
         return items
 
-    def replica_mean(self, value: float) -> float:
-        """A metric averaged over data-parallel ranks; one rank: itself."""
-        return value
+    dp_size = 1  # data-parallel ranks; each one's gradients are averaged over them
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over data-parallel ranks; one rank: itself."""
+        return t
+
+    def dp_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
     def _micro_batches(self, n: int) -> list[slice]:
         size = self.cfg.micro_batch_size or n
         return [slice(i, i + size) for i in range(0, n, size)]
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's part of a loss that is already normalised over the
+        whole batch: gradients are averaged over DP ranks, so scale by their number to
+        make the average the global sum."""
+        (loss * self.dp_size).backward()
+
     def sft_step(self, prompts: list[list[int]], targets: list[list[int]]) -> dict:
-        """One supervised step on prompt -> target (warm-up before RL)."""
+        """One supervised step on prompt -> target (warm-up before RL): the mean
+        negative log-likelihood over every target token of the batch."""
         prompts, targets = self.my_share(prompts), self.my_share(targets)
-        total = sum(map(len, targets))
+        total = self.dp_sum(torch.tensor(float(sum(map(len, targets))), dtype=torch.float64)).item()
         self.zero_grad()
         loss_sum = 0.0
         for mb in self._micro_batches(len(prompts)):
             ids, comp = pack_batch(prompts[mb], targets[mb], self.cfg.pad_id, self.device)
             tok, _ = self.token_logprobs(ids)
             loss = -(tok * comp).sum() / total
-            loss.backward()
+            self._backward(loss)
             loss_sum += loss.item()
         self.step(self.cfg.sft_lr)
-        return {"sft_loss": self.replica_mean(loss_sum)}
+        return {"sft_loss": self.dp_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()}
+
+    def _tensors(self, part: list[Sample]):
+        """ids [N, T], completion mask and behaviour log-probs [N, T-1], advantages [N]."""
+        ids, comp = pack_batch([s.prompt_ids for s in part], [s.completion_ids for s in part],
+                               self.cfg.pad_id, "cpu")
+        behaviour = torch.zeros(comp.shape)
+        for i, s in enumerate(part):
+            behaviour[i][comp[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
+        adv = torch.tensor([s.advantage for s in part])
+        return ids.to(self.device), comp.to(self.device), behaviour.to(self.device), adv.to(self.device)
 
     def train_step(self, samples: list[Sample]) -> dict:
-        """One GRPO optimizer step over `samples` (advantages already computed), in
-        micro-batches whose losses add up to the loss of the whole batch."""
+        """A GRPO-family update on `samples` (advantages already computed): one optimizer
+        step per PPO mini-batch, each over micro-batches whose losses add up to the
+        mini-batch's loss over all data-parallel ranks (token and sample counts are
+        summed across ranks before any micro-batch runs). With anchor=proximal the
+        policy's own log-probs before the first step anchor the ratio and give the
+        truncated importance weights."""
         t0 = time.perf_counter()
-        samples = self.my_share(samples)
-        total_tokens = sum(len(s.completion_ids) for s in samples)
+        obj = self.cfg.objective
         loss_fn = resolve_loss(self.cfg.loss)
-        self.zero_grad()
+        mine = self.my_share(samples)
+        k = self.cfg.ppo_mini_batches
+        minis = [mine[i * len(mine) // k:(i + 1) * len(mine) // k] for i in range(k)]
+        parts = [[mini[mb] for mb in self._micro_batches(len(mini))] if mini else [] for mini in minis]
+        proximal = None
+        if obj.anchor == "proximal":
+            with torch.no_grad():
+                proximal = [[self.token_logprobs(self._tensors(p)[0])[0] for p in mini] for mini in parts]
         sums: dict[str, float] = {}
-        for mb in self._micro_batches(len(samples)):
-            part = samples[mb]
-            ids, comp = pack_batch([s.prompt_ids for s in part], [s.completion_ids for s in part],
-                                   self.cfg.pad_id, self.device)
-            behaviour = torch.zeros(comp.shape)
-            comp_cpu = comp.cpu()
-            for i, s in enumerate(part):
-                behaviour[i][comp_cpu[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
-            behaviour = behaviour.to(self.device)
-            adv = torch.tensor([s.advantage for s in part], device=self.device)
-            logp, entropy = self.token_logprobs(ids)
-            ref_logp = None
-            if self.cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref_logp, _ = self.token_logprobs(ids, reference=True)
-            loss, metrics = loss_fn(logp, behaviour, adv, comp, self.cfg.clip_eps, self.cfg.aggregation,
-                                    ref_logp, self.cfg.kl_coef, self.cfg.tis_cap)
-            # This micro-batch's share of the whole batch's mean (tokens or sequences).
-            n_tok = comp.sum().item()
-            weight = n_tok / total_tokens if self.cfg.aggregation == "token-mean" else len(part) / len(samples)
-            (loss * weight).backward()
-            metrics.update(loss=loss.item(), entropy=((entropy * comp).sum() / max(n_tok, 1)).item())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * weight
-        grad_norm = self.step(self.cfg.lr)
+        maxes: dict[str, float] = {}
+        grad_norms = []
+        for j, mini in enumerate(parts):
+            counts = self.dp_sum(torch.tensor([float(sum(len(s.completion_ids) for s in minis[j])),
+                                               float(len(minis[j]))], dtype=torch.float64))
+            total_tokens, total_samples = counts.tolist()
+            self.zero_grad()
+            for i, part in enumerate(mini):
+                ids, comp, behaviour, adv = self._tensors(part)
+                logp, entropy = self.token_logprobs(ids)
+                anchor, is_weight, metrics = behaviour, None, {}
+                if proximal is not None:
+                    anchor = proximal[j][i]
+                    is_weight, metrics = truncated_is(anchor, behaviour, comp, obj.tis_level, obj.tis_cap)
+                ref_logp = None
+                if obj.kl_coef > 0:
+                    with torch.no_grad():
+                        ref_logp, _ = self.token_logprobs(ids, reference=True)
+                weight = token_weights(comp, obj.aggregation, total_tokens, total_samples, obj.norm_tokens)
+                loss, m = loss_fn(LossInputs(logp, anchor, behaviour, adv, comp, weight, is_weight, ref_logp), obj)
+                self._backward(loss)
+                n_tok = comp.sum().item()
+                metrics.update(m, entropy=((entropy * comp).sum() / max(n_tok, 1)).item())
+                # Token means over the micro-batch -> token means over the mini-batch.
+                share = n_tok / max(total_tokens, 1) / k
+                for key, v in metrics.items():
+                    if key.endswith("_max"):
+                        maxes[key] = max(maxes.get(key, v), v)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + v * share
+                sums["loss"] = sums.get("loss", 0.0) + loss.item() / k
+            grad_norms.append(self.step(self.cfg.lr))
         self.steps += 1
-        return {**{k: self.replica_mean(v) for k, v in sums.items()}, "grad_norm": grad_norm,
-                "train_ms": (time.perf_counter() - t0) * 1e3}
+        out = {}
+        if sums:
+            keys = sorted(sums)
+            out.update(zip(keys, self.dp_sum(torch.tensor([sums[x] for x in keys], dtype=torch.float64)).tolist()))
+        if maxes:
+            keys = sorted(maxes)
+            out.update(zip(keys, self.dp_max(torch.tensor([maxes[x] for x in keys], dtype=torch.float64)).tolist()))
+        return {**out, "grad_norm": sum(grad_norms) / k, "train_ms": (time.perf_counter() - t0) * 1e3}
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """The policy's log-prob of each completion token (no training)."""

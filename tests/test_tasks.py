@@ -1,0 +1,30 @@
+"""The tasks' problems and reward checkers, and GRPO's group advantages."""
+import json
+
+import pytest
+import torch
+
+from rlloop.learner.grpo import group_advantages
+from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems, numeric_reward
+
+
+def test_group_advantages_are_centred_per_group():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    assert torch.allclose(adv.view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+    assert adv[0] > 0 > adv[1] and torch.all(adv[4:] == 0)
+    assert torch.allclose(group_advantages(r, 4, normalize_std=False)[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_numeric_reward_and_tasks(tmp_path):
+    assert numeric_reward("7", "7") == 1 and numeric_reward(" 12 apples", "12") == 1
+    assert numeric_reward("71", "7") == 0 and numeric_reward("x", "7") == 0
+    probs = arithmetic_problems(50, seed=3)
+    assert all(numeric_reward(str(eval(p.prompt[:-1])), p.answer) == 1 for p in probs)
+    f = tmp_path / "gsm.jsonl"
+    f.write_text(json.dumps({"question": "2 and 3?", "answer": "2+3=5\n#### 1,005"}) + "\n")
+    (p,) = jsonl_problems(f)
+    assert p.answer == "1005" and "2 and 3?" in p.prompt
+    f.write_text(json.dumps({"q": 1}) + "\n")
+    with pytest.raises(ValueError, match="question"):
+        jsonl_problems(f)
