@@ -7,9 +7,15 @@ on the collected samples, and (4) pushes the new weights to every engine in flig
 the next rollout pauses for the transfer, continues on the new version, and no request
 is dropped. Every sample carries the versions that produced it; samples older than
 `max_lag` versions are dropped and counted.
+
+One `seed` fixes what a run draws: the problems and SFT batches (self.rng), every
+request's sampling seed (`sampling_seed`), the tiny model's init and the learner's
+RNG. Synchronous runs are then reproducible; pipelined ones still depend on when an
+update lands relative to each token (see README).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -179,11 +185,16 @@ class Coordinator:
 
     # --- rollout ----------------------------------------------------------------------
 
-    def _submit_rollout(self):
+    def _submit_rollout(self, step: int, first_prompt: int = 0):
+        """Start generating the next batch_prompts groups of step `step`; a further
+        rollout in the same step numbers its prompts from `first_prompt` on, so every
+        request of the run has its own sampling seed."""
         cfg = self.cfg
         problems = [self.rng.choice(cfg.problems) for _ in range(cfg.batch_prompts)]
         encoded = [self._encode(p.prompt) for p in problems]
         prompts = [ids for ids in encoded for _ in range(cfg.group_size)]
+        seeds = [sampling_seed(cfg.seed, step, first_prompt + g, k) for g in range(cfg.batch_prompts)
+                 for k in range(cfg.group_size)]
         sampling = Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         # Whole groups go to one engine, round robin.
         per_engine = [[] for _ in self.engines]
@@ -192,12 +203,13 @@ class Coordinator:
         futures = []
         for e, groups in zip(self.engines, per_engine):
             idx = [g * cfg.group_size + k for g in groups for k in range(cfg.group_size)]
-            futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling)))
-        return problems, prompts, sampling, futures, time.perf_counter()
+            futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling,
+                                                      [seeds[i] for i in idx])))
+        return problems, prompts, sampling, seeds, futures, time.perf_counter()
 
     def _collect(self, rollout):
         cfg = self.cfg
-        problems, prompts, sampling, futures, t0 = rollout
+        problems, prompts, sampling, seeds, futures, t0 = rollout
         gens = [None] * len(prompts)
         for engine, idx, fut in futures:
             try:
@@ -208,7 +220,8 @@ class Coordinator:
                 # so no sample is lost. A second failure propagates.
                 self._recover(e)
                 self.requests_reissued += len(idx)
-                out = ray.get(engine.generate.remote([prompts[i] for i in idx], sampling))
+                out = ray.get(engine.generate.remote([prompts[i] for i in idx], sampling,
+                                                     [seeds[i] for i in idx]))
             for i, g in zip(idx, out):
                 gens[i] = g
         elapsed = time.perf_counter() - t0
@@ -246,14 +259,14 @@ class Coordinator:
         metrics_file = (self.out / "metrics.jsonl").open("w")
         for row in self.history:  # a resumed run's curve continues the old one
             metrics_file.write(json.dumps(row) + "\n")
-        rollout = self._submit_rollout()
+        rollout = self._submit_rollout(first_step)
         for step in range(first_step, cfg.steps):
             last = step + 1 == cfg.steps or self.stop_requested
             if not cfg.pipelined and step > first_step:
-                rollout = self._submit_rollout()
+                rollout = self._submit_rollout(step)
             samples, roll = self._collect(rollout)
             if cfg.pipelined and not last:
-                rollout = self._submit_rollout()  # generates while we train and update
+                rollout = self._submit_rollout(step + 1)  # generates while we train and update
             train = self._train(samples) if samples else {}
             upd = self._push()
             row = {"step": step, "weight_version": self.version, **roll, **train, **upd,
@@ -328,6 +341,14 @@ class Coordinator:
                 ray.get(e.shutdown.remote(), timeout=30)
             except Exception:  # already dead: nothing left to stop
                 pass
+
+
+def sampling_seed(seed: int, step: int, prompt: int, sample: int) -> int:
+    """The vLLM sampling seed of sample `sample` of prompt `prompt` in step `step`:
+    a request issued again (after an engine failure) draws the same tokens, and no
+    two requests of a run share a seed."""
+    key = f"{seed}/{step}/{prompt}/{sample}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # int64
 
 
 def _median(values: list[float]) -> float | None:

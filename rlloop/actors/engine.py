@@ -8,10 +8,14 @@ worker, and the scheduler resumes. Requests simply continue on the new version.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
@@ -23,7 +27,7 @@ class EngineConfig:
     model: str  # local HF directory (config + tokenizer; weights unless load_format="dummy")
     dtype: str = "float32"
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.15  # on CPU: the fraction of RAM for the KV cache
+    gpu_memory_utilization: float = 0.15  # on GPU; on CPU the KV cache is sized by cpu_kv_cache_bytes
     max_model_len: int = 512
     max_num_seqs: int = 64
     seed: int = 0
@@ -75,10 +79,15 @@ class EngineStats:
     last_update: dict = field(default_factory=dict)
 
 
+class EngineStartError(RuntimeError):
+    """vLLM's engine core failed to start; the message carries the core's own error."""
+
+
 class GenerationEngine:
     """Use as `ray.remote(GenerationEngine)` (see `engine_actor`); methods are async."""
 
     def __init__(self, config: EngineConfig):
+        import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -91,9 +100,17 @@ class GenerationEngine:
             gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, seed=config.seed, load_format=config.load_format,
             enforce_eager=config.enforce_eager, enable_prefix_caching=False,
+            kv_cache_memory_bytes=None if torch.cuda.is_available() else cpu_kv_cache_bytes(config),
             worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        logs = _OwnLogs()
+        try:
+            self.llm = AsyncLLM.from_engine_args(args)
+        except Exception as e:
+            # The root cause is raised in the engine-core process, which only logs it
+            # (to this actor's log files, which a Ray driver does not show): carry it.
+            raise EngineStartError(f"vLLM engine for {config.model} failed to start: {e}\n"
+                                   f"{logs.tail()}") from e
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
         self.stats_ = EngineStats()
         self._update_lock = asyncio.Lock()
@@ -142,9 +159,14 @@ class GenerationEngine:
         self.stats_.tokens_generated += len(gen.token_ids)
         return gen
 
-    async def generate(self, prompts: list, sampling: Sampling | None = None) -> list[Generation]:
+    async def generate(self, prompts: list, sampling: Sampling | None = None,
+                       seeds: list[int] | None = None) -> list[Generation]:
+        """`seeds`: one sampling seed per prompt (overrides `sampling.seed`), so that a
+        request issued again samples the same tokens from the same weights."""
         sampling = sampling or Sampling()
-        return list(await asyncio.gather(*(self.generate_one(p, sampling) for p in prompts)))
+        per_prompt = ([dataclasses.replace(sampling, seed=s) for s in seeds] if seeds is not None
+                      else [sampling] * len(prompts))
+        return list(await asyncio.gather(*(self.generate_one(p, s) for p, s in zip(prompts, per_prompt))))
 
     async def generate_stream(self, prompt: str | list[int], sampling: Sampling | None = None):
         """Yields (new token ids, weight version) as tokens arrive, then the Generation."""
@@ -237,6 +259,62 @@ class GenerationEngine:
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def cpu_kv_cache_bytes(config: EngineConfig) -> int:
+    """KV cache for max_num_seqs sequences of max_model_len tokens of this model.
+
+    On CPU, vLLM reads gpu_memory_utilization as a fraction of the NUMA node's RAM and
+    gives the KV cache that fraction minus the engine's own resident memory (~0.7 GiB
+    for the tiny model): a budget that goes negative ("Engine core initialization
+    failed") on a node with less RAM, or when other engines and learners share it.
+    An explicit size depends only on the model and the limits asked for."""
+    from rlloop.weights.protocol import DTYPES
+
+    hf = json.loads((Path(config.model) / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    per_token = 2 * hf["num_hidden_layers"] * kv_heads * head_dim * DTYPES[config.dtype].itemsize
+    return config.max_num_seqs * config.max_model_len * per_token
+
+
+class _OwnLogs:
+    """This process's stdout and stderr from now on, where they are files (a Ray
+    worker's are; vLLM's engine-core and worker processes inherit them and log there)."""
+
+    TAIL = 20
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    # "(EngineCore pid=12) ERROR 11-25 08:24:13 [core.py:1510] " before a subprocess's line
+    _PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:[A-Z]+ [\d-]+ [\d:]+ \[[^\]]+\] )?")
+    _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): \S")
+
+    def __init__(self):
+        self.start = {}
+        for fd in (1, 2):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if os.path.isfile(path):
+                self.start[path] = os.path.getsize(path)
+
+    def tail(self) -> str:
+        """The exception lines the subprocesses logged (the root cause is among them),
+        then the last lines of each file."""
+        errors, tails = [], []
+        for path, offset in self.start.items():
+            with open(path, errors="replace") as f:
+                f.seek(offset)
+                lines = self._ANSI.sub("", f.read()).splitlines()
+            for line in lines:
+                bare = self._PREFIX.sub("", line)
+                if self._EXCEPTION.match(bare) and bare not in errors:
+                    errors.append(bare)
+            if lines:
+                tails.append(f"[last lines of {path}]\n" + "\n".join(lines[-self.TAIL:]))
+        if not tails:
+            return "(not captured: this process's output is not a file; see above)"
+        return "\n".join(["[exceptions raised]", *errors, *tails])
 
 
 def _tree_rss_mb() -> float:
