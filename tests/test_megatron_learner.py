@@ -3,18 +3,21 @@ by gloo and megatron's parallel_state, a real vLLM (CPU) engine, transformers as
 ground truth."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
 
-from conftest import GREEDY, PROMPTS
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
 from rlloop.learner.policy import LearnerConfig
 from rlloop.models.tiny import build_tiny_model
 from rlloop.weights.protocol import WeightUpdateRequest
+
+pytestmark = pytest.mark.integration
 
 LOGIT_ATOL = 1e-4  # fp32 learner vs fp32 transformers
 # fp32 learner vs the engine's own log-probs of the tokens it sampled: different
@@ -25,7 +28,7 @@ ENGINE_LOGPROB_ATOL = 1e-3
 def _learner(model: str, name: str, tp: int = 1, dp: int = 1, backend: str = "megatron", **kw) -> LearnerGroup:
     cfg = LearnerConfig(model=model, backend=backend, tensor_parallel_size=tp, data_parallel_size=dp, **kw)
     group = LearnerGroup(cfg, name)
-    group.wait_ready(deadline=__import__("time").time() + 300)
+    group.wait_ready(deadline=time.time() + 300)
     return group
 
 
@@ -106,7 +109,8 @@ def test_tp_and_dp_learners_train_exactly_like_one_process(trained_tp2):
         assert max(abs(a - b) for a, b in zip(curves[key], curves["hf"])) < 1e-4, key
 
 
-def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model, tmp_path):
+def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model, tmp_path, greedy,
+                                                         probe_prompts):
     """Weights exported from a TP=2 learner (gathered per bucket, sent by rank 0) make
     the engine decode exactly as transformers does with those weights, and the
     learner's log-probs of the engine's sampled tokens match the engine's."""
@@ -128,17 +132,17 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
 
         tok = AutoTokenizer.from_pretrained(tiny_model)
         ref = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
-        gens = ray.get(engine.generate.remote(PROMPTS, GREEDY))
-        for prompt, g in zip(PROMPTS, gens):
+        gens = ray.get(engine.generate.remote(probe_prompts, greedy))
+        for prompt, g in zip(probe_prompts, gens):
             ids = tok(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                want = ref.generate(ids, max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                want = ref.generate(ids, max_new_tokens=greedy.max_tokens, do_sample=False,
                                     eos_token_id=None, pad_token_id=1)[0, ids.shape[1]:].tolist()
             assert g.token_ids == want, prompt
 
-        sampled = ray.get(engine.generate.remote(PROMPTS * 4, Sampling(max_tokens=16, temperature=1.0,
-                                                                        ignore_eos=True, seed=7)))
-        prompt_ids = [tok(p).input_ids for p in PROMPTS * 4]
+        sampling = Sampling(max_tokens=16, temperature=1.0, ignore_eos=True, seed=7)
+        sampled = ray.get(engine.generate.remote(probe_prompts * 4, sampling))
+        prompt_ids = [tok(p).input_ids for p in probe_prompts * 4]
         ours = learner.call("score", prompt_ids, [g.token_ids for g in sampled])
         diff = torch.cat([(torch.tensor(o) - torch.tensor(g.logprobs)).abs() for o, g in zip(ours, sampled)])
         print(f"learner TP=2 vs engine log-probs over {diff.numel()} sampled tokens: "
