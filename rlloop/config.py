@@ -34,6 +34,8 @@ def build_run_config(cfg: DictConfig):
     group = need("rollout.group_size", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     need("rollout.batch_prompts", pos_int, "must be a positive integer")
     need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+    need("rollout.zero_advantage", lambda v: v in ("drop", "keep", "refill"), "must be drop, keep or refill")
+    need("rollout.refill_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
     backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
     tp = need("learner.tensor_parallel_size", pos_int, "must be a positive integer")
     dp = need("learner.data_parallel_size", pos_int, "must be a positive integer")
@@ -83,7 +85,8 @@ def build_run_config(cfg: DictConfig):
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
-        max_lag=cfg.rollout.max_lag, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
+        max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
+        refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
         engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts)
