@@ -55,6 +55,8 @@ class RunConfig:
     temperature: float = 1.0
     normalize_std: bool = True
     max_lag: int = 1
+    zero_advantage: str = "drop"  # drop | keep | refill (docs/objectives.md)
+    refill_rounds: int = 4  # zero_advantage=refill: extra rollouts per step at most
     pipelined: bool = True
     bucket_mb: float = 64
     backend: str = "auto"
@@ -207,8 +209,9 @@ class Coordinator:
                                                       [seeds[i] for i in idx])))
         return problems, prompts, sampling, seeds, futures, time.perf_counter()
 
-    def _collect(self, rollout):
-        cfg = self.cfg
+    def _gather(self, rollout):
+        """The rollout's problems, prompts and generations (in prompt order), and its
+        wall time."""
         problems, prompts, sampling, seeds, futures, t0 = rollout
         gens = [None] * len(prompts)
         for engine, idx, fut in futures:
@@ -224,9 +227,45 @@ class Coordinator:
                                                      [seeds[i] for i in idx]))
             for i, g in zip(idx, out):
                 gens[i] = g
-        elapsed = time.perf_counter() - t0
-        rewards = torch.tensor([numeric_reward(g.text, problems[i // cfg.group_size].answer)
-                                for i, g in enumerate(gens)])
+        return problems, prompts, gens, time.perf_counter() - t0
+
+    def _rewards(self, problems, gens) -> torch.Tensor:
+        return torch.tensor([numeric_reward(g.text, problems[i // self.cfg.group_size].answer)
+                             for i, g in enumerate(gens)])
+
+    def _flat_groups(self, rewards: torch.Tensor) -> list[int]:
+        """Groups whose rewards are all equal: every advantage is zero."""
+        per_group = rewards.view(-1, self.cfg.group_size)
+        return [k for k, r in enumerate(per_group) if r.min() == r.max()]
+
+    def _refill(self, step: int, flat: list[int], problems, prompts, gens, rewards) -> int:
+        """DAPO's dynamic sampling: the `flat` groups are replaced, in place, by groups
+        of fresh rollouts on the current weights that have reward variance; at most
+        `refill_rounds` extra rollouts. Returns how many were replaced."""
+        size, flat, replaced = self.cfg.group_size, list(flat), 0
+        for extra in range(1, self.cfg.refill_rounds + 1):
+            if not flat:
+                break
+            more_problems, more_prompts, more_gens, _ = self._gather(
+                self._submit_rollout(step, first_prompt=extra * self.cfg.batch_prompts))
+            more_rewards = self._rewards(more_problems, more_gens)
+            more_flat = self._flat_groups(more_rewards)
+            for k in [k for k in range(len(more_problems)) if k not in more_flat]:
+                if flat:
+                    slot, new = flat.pop(0), slice(k * size, (k + 1) * size)
+                    old = slice(slot * size, (slot + 1) * size)
+                    problems[slot] = more_problems[k]
+                    prompts[old], gens[old], rewards[old] = more_prompts[new], more_gens[new], more_rewards[new]
+                    replaced += 1
+        return replaced
+
+    def _collect(self, rollout, step: int):
+        cfg = self.cfg
+        problems, prompts, gens, elapsed = self._gather(rollout)
+        rewards = self._rewards(problems, gens)
+        reward_mean = rewards.mean().item()  # of the rollout as sampled, before any refill
+        flat = self._flat_groups(rewards)
+        refilled = self._refill(step, flat, problems, prompts, gens, rewards) if cfg.zero_advantage == "refill" else 0
         adv = group_advantages(rewards, cfg.group_size, cfg.normalize_std)
         samples, lags = [], []
         for i, g in enumerate(gens):
@@ -235,16 +274,17 @@ class Coordinator:
             if lag > cfg.max_lag:
                 self.dropped_stale += 1
                 continue
-            if adv[i] != 0 and g.token_ids:
+            if g.token_ids and (adv[i] != 0 or cfg.zero_advantage == "keep"):
                 samples.append(Sample(prompts[i], g.token_ids, g.logprobs, adv[i].item(),
                                       rewards[i].item(), g.version_start, g.version_end))
         tokens = sum(len(g.token_ids) for g in gens)
-        return samples, {"reward_mean": rewards.mean().item(), "lag_max": max(lags),
+        return samples, {"reward_mean": reward_mean, "lag_max": max(lags),
                          "tok_s": tokens / elapsed, "rollout_s": elapsed, "samples": len(samples),
                          "dropped_stale": self.dropped_stale, "generated": len(gens),
                          "failures": self.failures, "learner_restores": self.learner_restores,
                          "requests_reissued": self.requests_reissued,
-                         "completion_len": tokens / len(gens)}
+                         "completion_len": tokens / len(gens), "zero_adv_groups": len(flat),
+                         "refilled_groups": refilled}
 
     # --- loop -------------------------------------------------------------------------
 
@@ -264,7 +304,7 @@ class Coordinator:
             last = step + 1 == cfg.steps or self.stop_requested
             if not cfg.pipelined and step > first_step:
                 rollout = self._submit_rollout(step)
-            samples, roll = self._collect(rollout)
+            samples, roll = self._collect(rollout, step)
             if cfg.pipelined and not last:
                 rollout = self._submit_rollout(step + 1)  # generates while we train and update
             train = self._train(samples) if samples else {}
