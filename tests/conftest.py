@@ -1,5 +1,6 @@
-"""Shared, expensive fixtures: one local Ray cluster, one tiny model, two vLLM engine
-actors joined to one weight group with this test process as the sender.
+"""Shared fixtures. The expensive ones (used by tests marked `integration`): one local
+Ray cluster, one tiny model, two vLLM engine actors joined to one weight group with
+this test process as the sender.
 
 Every update in the session goes through `Updater`, which keeps versions rising and
 holds the transformers reference model carrying the weights last sent.
@@ -19,8 +20,16 @@ from rlloop.actors.weight_sync import form_weight_group, push_update  # noqa: E4
 from rlloop.models.tiny import build_tiny_model  # noqa: E402
 from rlloop.weights.protocol import WeightUpdateRequest, make_plan, parameter_infos  # noqa: E402
 
-GREEDY = Sampling(max_tokens=12, temperature=0.0, ignore_eos=True)
-PROMPTS = ["12+7=", "hello world", "The answer is", "3*(4+5)="]
+
+@pytest.fixture(scope="session")
+def greedy() -> Sampling:
+    """Greedy decoding of a fixed length: engines and transformers must agree token for token."""
+    return Sampling(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def probe_prompts() -> list[str]:
+    return ["12+7=", "hello world", "The answer is", "3*(4+5)="]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +54,7 @@ class Updater:
         self.sender = sender
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        self.version = 0
+        self.version = max(ray.get([e.version.remote() for e in engines]))  # versions only rise
         self.plan = make_plan(parameter_infos(self.tensors().items()), bucket_bytes=256 << 10)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -67,7 +76,8 @@ class Updater:
         self.randomize(seed)
         req = self.request()
         tensors = self.tensors()
-        stats, send = push_update(engines or self.engines, req, lambda: self.sender.send(req, tensors))
+        stats, send = push_update(engines or self.engines, req, lambda: self.sender.send(req, tensors),
+                                  shared=self.sender.shared)
         self.version = req.version
         return stats, send
 
@@ -88,16 +98,18 @@ class Updater:
 
 @pytest.fixture(scope="session")
 def engines(ray_cluster, tiny_model):
-    cfg = EngineConfig(model=tiny_model, gpu_memory_utilization=0.08, max_model_len=512)
+    cfg = EngineConfig(model=tiny_model, max_model_len=512)
     handles = [engine_actor(cfg, name=f"fixture/engine/{i}") for i in range(2)]
     ray.get([h.ready.remote() for h in handles])
     yield handles
     ray.get([h.shutdown.remote() for h in handles])
 
 
-@pytest.fixture(scope="session")
-def updater(engines, tiny_model):
-    sender = form_weight_group(engines, [1, 1], backend="gloo", timeout_s=60)
+@pytest.fixture(scope="session", params=["gloo", "shm"])
+def updater(engines, tiny_model, request):
+    """Every in-flight update test runs over both wires: a gloo broadcast and the
+    shared-memory region (the CPU twin of CUDA IPC)."""
+    sender = form_weight_group(engines, [1, 1], backend=request.param, timeout_s=60)
     up = Updater(tiny_model, engines, sender)
     yield up
     sender.close()

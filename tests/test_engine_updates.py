@@ -7,39 +7,42 @@ import time
 
 import pytest
 import ray
+import torch
 
-from conftest import GREEDY, PROMPTS
-from rlloop.actors.engine import Sampling
+from rlloop.actors.engine import EngineConfig, EngineStartError, Generation, Sampling, engine_actor
+from rlloop.models.tiny import build_tiny_model
 from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, make_plan
+
+pytestmark = pytest.mark.integration
 
 # Engine (vLLM CPU, float32) and transformers (float32) compute the same function with
 # different kernels; per-token logprobs agree to this tolerance.
 LOGPROB_ATOL = 1e-3
 
 
-def _greedy(engine, prompts=PROMPTS):
-    return [g.token_ids for g in ray.get(engine.generate.remote(prompts, GREEDY))]
+def _greedy(engine, prompts, greedy):
+    return [g.token_ids for g in ray.get(engine.generate.remote(prompts, greedy))]
 
 
-def test_update_matches_transformers_on_both_engines(updater):
-    """(b) + (e): one broadcast reaches two engines; both then decode exactly as
-    transformers does with the new weights, and their logprobs agree."""
+def test_update_matches_transformers_on_both_engines(updater, greedy, probe_prompts):
+    """One broadcast reaches two engines; both then decode exactly as transformers
+    does with the new weights, and their logprobs agree."""
     stats, send = updater.push(seed=101)
     assert [s.version for s in stats] == [updater.version] * 2
     assert send["bytes"] == updater.plan.total_bytes
-    expected = [updater.greedy_reference(p, GREEDY.max_tokens) for p in PROMPTS]
+    expected = [updater.greedy_reference(p, greedy.max_tokens) for p in probe_prompts]
     assert len(set(map(tuple, expected))) > 1, "reference must not be degenerate"
     for engine in updater.engines:
-        gens = ray.get(engine.generate.remote(PROMPTS, GREEDY))
+        gens = ray.get(engine.generate.remote(probe_prompts, greedy))
         assert [g.token_ids for g in gens] == expected
-        for prompt, g in zip(PROMPTS, gens):
+        for prompt, g in zip(probe_prompts, gens):
             ref = updater.token_logprobs(prompt, g.token_ids)
-            diff = (ref - __import__("torch").tensor(g.logprobs, dtype=ref.dtype)).abs()
+            diff = (ref - torch.tensor(g.logprobs, dtype=ref.dtype)).abs()
             assert diff.max().item() < LOGPROB_ATOL, diff
 
 
 def test_update_lands_while_requests_are_mid_generation(updater):
-    """(a): 16+ requests in flight on each engine; an update lands in the middle; every
+    """16+ requests in flight on each engine; an update lands in the middle; every
     request finishes with its full length, none aborted, some span two versions."""
     n, max_tokens = 20, 160
     sampling = Sampling(max_tokens=max_tokens, temperature=1.0, ignore_eos=True, seed=None)
@@ -65,7 +68,6 @@ def test_update_lands_while_requests_are_mid_generation(updater):
 
 
 def test_versions_rise_and_stale_updates_are_refused(updater):
-    """(c)"""
     updater.push(seed=303)
     current = updater.version
     assert ray.get([e.version.remote() for e in updater.engines]) == [current, current]
@@ -87,10 +89,10 @@ def _bad_plans(plan):
 
 
 @pytest.mark.parametrize("kind", ["unknown parameter", "shape", "dtype", "missing"])
-def test_bad_requests_are_refused_before_anything_changes(updater, kind):
-    """(d): refused with a clear error, version unchanged, outputs unchanged."""
+def test_bad_requests_are_refused_before_anything_changes(updater, kind, greedy, probe_prompts):
+    """Refused with a clear error, version unchanged, outputs unchanged."""
     engine = updater.engines[0]
-    before = _greedy(engine)
+    before = _greedy(engine, probe_prompts, greedy)
     version = ray.get(engine.version.remote())
     plan = make_plan(_bad_plans(updater.plan)[kind], bucket_bytes=256 << 10)
     with pytest.raises(WeightUpdateError, match=kind):
@@ -98,7 +100,7 @@ def test_bad_requests_are_refused_before_anything_changes(updater, kind):
     with pytest.raises(WeightUpdateError, match=kind):
         ray.get(engine.update_weights.remote(updater.request(plan=plan)))
     assert ray.get(engine.version.remote()) == version
-    assert _greedy(engine) == before
+    assert _greedy(engine, probe_prompts, greedy) == before
     assert ray.get(engine.stats.remote())["rejected_updates"] >= 2
 
 
@@ -110,9 +112,9 @@ def test_sender_refuses_tensors_that_do_not_match_its_plan(updater):
         updater.sender.check(updater.request(), tensors)
 
 
-def test_200_update_cycles_under_generation_load_keep_memory_flat(updater):
-    """(f), and issue 5's soak: 200 pause/update/resume cycles while both engines keep
-    generating; every request completes, memory stays flat after a warm-up."""
+def test_200_update_cycles_under_generation_load_keep_memory_flat(updater, greedy, probe_prompts):
+    """200 pause/update/resume cycles while both engines keep generating; every
+    request completes, memory stays flat after a warm-up."""
     load = Sampling(max_tokens=300, temperature=1.0, ignore_eos=True, logprobs=False)
     prompts = [f"{i}*{i}=" for i in range(16)]
 
@@ -122,6 +124,7 @@ def test_200_update_cycles_under_generation_load_keep_memory_flat(updater):
     for i in range(5):
         updater.push(seed=1000 + i)
     rss0 = [s["rss_mb"] for s in ray.get([e.stats.remote() for e in updater.engines])]
+    segments0 = _shared_segments()
     running, finished = start_load(), []
     for i in range(200):
         updater.push(seed=2000 + i)
@@ -135,14 +138,20 @@ def test_200_update_cycles_under_generation_load_keep_memory_flat(updater):
     assert any(g.version_end > g.version_start for gens in finished for g in gens)
     growth = [b - a for a, b in zip(rss0, rss1)]
     assert max(growth) < 64, f"engine RSS grew by {growth} MB over 200 updates"
-    assert _greedy(updater.engines[0]) == [updater.greedy_reference(p, GREEDY.max_tokens) for p in PROMPTS]
+    assert _shared_segments() == segments0, "a shared wire reuses its region for every update of a plan"
+    assert _greedy(updater.engines[0], probe_prompts, greedy) == [
+        updater.greedy_reference(p, greedy.max_tokens) for p in probe_prompts]
 
 
-def test_streaming_yields_tokens_as_they_come_then_the_generation(updater):
-    from rlloop.actors.engine import Generation
+def _shared_segments() -> set[str]:
+    from pathlib import Path
 
+    return {p.name for p in Path("/dev/shm").glob("*")}
+
+
+def test_streaming_yields_tokens_as_they_come_then_the_generation(updater, greedy):
     chunks, final = [], None
-    for ref in updater.engines[0].generate_stream.remote("1+2=", GREEDY):
+    for ref in updater.engines[0].generate_stream.remote("1+2=", greedy):
         item = ray.get(ref)
         if isinstance(item, Generation):
             final = item
@@ -150,5 +159,29 @@ def test_streaming_yields_tokens_as_they_come_then_the_generation(updater):
             chunks.append(item)
     streamed = [t for ids, _ in chunks for t in ids]
     assert len(chunks) > 1 and streamed == final.token_ids
-    assert final.token_ids == updater.greedy_reference("1+2=", GREEDY.max_tokens)
+    assert final.token_ids == updater.greedy_reference("1+2=", greedy.max_tokens)
     assert all(version == updater.version for _, version in chunks)
+
+
+def test_per_request_seeds_make_sampling_repeatable(updater):
+    """A request with the same seed samples the same tokens, whatever else is in the
+    batch; different seeds differ."""
+    sampling = Sampling(max_tokens=16, temperature=1.0, ignore_eos=True)
+    engine = updater.engines[0]
+    first = ray.get(engine.generate.remote(["7+8="] * 3, sampling, [11, 11, 12]))
+    again = ray.get(engine.generate.remote(["1+1=", "7+8="], sampling, [5, 11]))
+    assert first[0].token_ids == first[1].token_ids == again[1].token_ids
+    assert first[2].token_ids != first[0].token_ids
+
+
+def test_engine_that_fails_to_start_says_why(ray_cluster, tmp_path):
+    """vLLM raises the root cause in its engine-core process and only logs it there
+    (the actor's log file, not the driver): the error that reaches us carries it."""
+    model = build_tiny_model(tmp_path / "no_weights")
+    (model / "model.safetensors").unlink()
+    engine = engine_actor(EngineConfig(model=str(model)), name="broken/engine/0")
+    with pytest.raises(ray.exceptions.RayActorError) as failure:
+        ray.get(engine.ready.remote(), timeout=300)
+    message = str(failure.value)
+    assert EngineStartError.__name__ in message
+    assert f"Cannot find any model weights with `{model}`" in message, message[-3000:]

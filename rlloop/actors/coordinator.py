@@ -28,13 +28,13 @@ import torch
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
-from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
+from rlloop.actors.weight_sync import auto_backend, join_engines, push_update, weight_group_config
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
 from rlloop.tasks.arithmetic import Problem, numeric_reward
-from rlloop.weights.group import default_backend
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
+from rlloop.weights.shared import SHARED_WIRES
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,11 @@ class Coordinator:
 
     def _form_group(self) -> None:
         cfg = self.cfg
-        backend = default_backend() if cfg.backend == "auto" else cfg.backend
+        self.wire = cfg.backend
+        if cfg.backend == "auto":
+            self.wire = auto_backend(self.learner.call("placement"), ray.get([e.ready.remote() for e in self.engines]))
         tp = [cfg.engine.tensor_parallel_size] * cfg.engines
-        group = weight_group_config(tp, backend, timeout_s=cfg.timeout_s)
+        group = weight_group_config(tp, self.wire, timeout_s=cfg.timeout_s)
         joins = join_engines(self.engines, tp, group)
         ray.get([*self.learner.submit("join_weight_group", group), *joins], timeout=cfg.timeout_s)
 
@@ -164,8 +166,8 @@ class Coordinator:
         self.version += 1
         req = WeightUpdateRequest(self.version, self.plan)
         try:
-            stats, send = push_update(self.engines, req,
-                                      lambda: self.learner.call("send_weights", req))
+            stats, send = push_update(self.engines, req, lambda: self.learner.call("send_weights", req),
+                                      shared=self.wire in SHARED_WIRES)
         except (*ACTOR_GONE, ray.exceptions.RayTaskError) as e:
             if recovering or isinstance(e, WeightUpdateError):
                 raise

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest, pack, validate_request
@@ -120,7 +121,7 @@ class GenerationEngine:
         import ray
 
         return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version,
-                "gpus": [int(g) for g in ray.get_gpu_ids()]}
+                **placement()}
 
     # --- generation -------------------------------------------------------------------
 

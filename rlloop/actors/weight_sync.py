@@ -47,10 +47,34 @@ def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, 
 
 
 def push_update(engines: Sequence, request: WeightUpdateRequest,
-                send: Callable[[], dict], mode: str | None = None) -> tuple[list, dict]:
+                send: Callable[[], dict], mode: str | None = None, shared: bool = False) -> tuple[list, dict]:
     """Every engine validates and prepares first (a bad request raises here and
-    nothing has changed anywhere); then all receive while `send` broadcasts."""
+    nothing has changed anywhere); then all receive while `send` broadcasts. On a
+    shared wire (`shared`: shm, ipc) the sender fills its region first, and the
+    engines then copy out of it; the next send waits for all of them."""
+    if shared:
+        send_stats = send()
+        ray.get([e.prepare_update.remote(request, mode) for e in engines])
+        return ray.get([e.update_weights.remote(request, mode) for e in engines]), send_stats
     ray.get([e.prepare_update.remote(request, mode) for e in engines])
     updates = [e.update_weights.remote(request, mode) for e in engines]
     send_stats = send()
     return ray.get(updates), send_stats
+
+
+def placement() -> dict:
+    """Where the calling Ray actor runs: its node and the GPUs Ray gave it."""
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "gpus": sorted(int(g) for g in ray.get_gpu_ids())}
+
+
+def auto_backend(sender: dict, engines: Sequence[dict]) -> str:
+    """The wire for a sender and engines placed as `{"node": id, "gpus": [ids]}`:
+    ipc when every engine is on the sender's GPU, shm for CPU processes on one host,
+    else nccl between GPUs and gloo between hosts."""
+    same_node = all(e["node"] == sender["node"] for e in engines)
+    if not sender["gpus"]:
+        return "shm" if same_node else "gloo"
+    if same_node and all(e["gpus"] == sender["gpus"] for e in engines):
+        return "ipc"
+    return "nccl"

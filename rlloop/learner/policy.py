@@ -212,6 +212,11 @@ class PolicyLearner:
                 pass
             self.sender = None
 
+    def placement(self) -> dict:
+        from rlloop.actors.weight_sync import placement
+
+        return placement()
+
     def ready(self) -> int:
         """This incarnation's pid: a restarted learner answers with a new one."""
         import os

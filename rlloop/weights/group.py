@@ -54,10 +54,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def join_weight_group(cfg: WeightGroupConfig, rank: int):
     """Join the group as `rank`; every member must call this within cfg.timeout_s."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group

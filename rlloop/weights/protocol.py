@@ -85,6 +85,14 @@ class UpdatePlan:
     def bucket_bytes(self) -> int:
         return sum(b.nbytes for b in self.buckets)
 
+    def bucket_starts(self) -> list[int]:
+        """Byte offset of each bucket when all buckets lie back to back (shared wires)."""
+        starts, at = [], 0
+        for b in self.buckets:
+            starts.append(at)
+            at += b.nbytes
+        return starts
+
 
 @dataclass(frozen=True)
 class WeightUpdateRequest:

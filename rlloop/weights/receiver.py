@@ -9,6 +9,9 @@ Two ways to land an update, chosen once per plan:
 - "checkpoint": the general path (repacked CPU weights, quantised models): all buckets
   are received asynchronously into persistent buffers while vLLM's own
   `reload_weights(is_checkpoint_format=True)` consumes them in arrival order.
+
+On a shared wire (shm, ipc: shared.py) nothing is received: the bucket buffers are
+views of the sender's region, mapped once per plan, and both modes read from them.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch
 from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
                     wire_device)
 from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
-from .protocol import WeightUpdateRequest, unpack
+from .protocol import UpdatePlan, WeightUpdateRequest, unpack
+from .shared import SHARED_WIRES, OpenedRegion
 
 RECEIVE_MODES = ("auto", "direct", "checkpoint")
 
@@ -27,11 +31,19 @@ RECEIVE_MODES = ("auto", "direct", "checkpoint")
 class _PlanState:
     """What a worker derives from one plan, once: buffers and, for direct mode, copies."""
 
-    def __init__(self, mode: str, buffers: list[torch.Tensor], copies, reason: str = ""):
+    def __init__(self, mode: str, buffers: list[torch.Tensor], copies, reason: str = "",
+                 region: OpenedRegion | None = None):
         self.mode = mode
-        self.buffers = buffers
+        self.buffers = buffers  # bucket i arrives in (or, shared, is) buffers[i % len(buffers)]
         self.copies = copies
         self.reason = reason
+        self.region = region
+        self.scratch: torch.Tensor | None = None  # shared wires' floor: a worker-owned copy target
+
+    def close(self) -> None:
+        self.buffers = self.copies = self.scratch = None  # views first: a segment with views cannot close
+        if self.region is not None:
+            self.region.close()
 
 
 class WeightReceiver:
@@ -41,8 +53,10 @@ class WeightReceiver:
         from vllm.distributed.parallel_state import get_world_group
 
         cfg: WeightGroupConfig = unpack(cfg)
+        self.rl_leave_weight_group()  # a worker is in one weight group at a time
         rank = rank_offset + get_world_group().rank_in_group
-        self._rl_group = join_weight_group(cfg, rank)
+        self._rl_cfg = cfg
+        self._rl_group = None if cfg.backend in SHARED_WIRES else join_weight_group(cfg, rank)
         self._rl_wire = wire_device(cfg, self.device)
         self._rl_plans: dict[str, _PlanState] = {}
         return rank
@@ -54,6 +68,8 @@ class WeightReceiver:
 
             stateless_destroy_torch_distributed_process_group(group)
         self._rl_group = None
+        for state in getattr(self, "_rl_plans", {}).values():
+            state.close()
         self._rl_plans = {}
 
     def rl_prepare(self, request: bytes, mode: str = "auto") -> str:
@@ -67,7 +83,11 @@ class WeightReceiver:
         state = self._rl_plan_state(request, mode)
         plan = request.plan
         t0 = time.perf_counter()
-        if not load:
+        if state.region is not None and not load:
+            if state.scratch is None:
+                state.scratch = torch.empty_like(state.region.buffer)
+            state.scratch.copy_(state.region.buffer)
+        elif not load:
             for i, b in enumerate(plan.buckets):
                 broadcast_async(self._rl_group, state.buffers[i % len(state.buffers)][:b.nbytes]).wait()
         elif state.mode == "direct":
@@ -86,9 +106,25 @@ class WeightReceiver:
         key = f"{request.plan.key}/{mode}"
         state = self._rl_plans.get(key)
         if state is None:
+            if self._rl_group is None:  # shared wire: the sender keeps one plan's region
+                for old in self._rl_plans.values():
+                    old.close()
+                self._rl_plans = {}
             state = self._rl_build_plan_state(request, mode)
             self._rl_plans[key] = state
         return state
+
+    def _rl_bucket_buffers(self, plan: UpdatePlan, mode: str):
+        """Where buckets land: two alternating buffers (direct), one per bucket
+        (checkpoint), or, on a shared wire, views of the sender's region."""
+        if self._rl_group is None:
+            region = OpenedRegion(self._rl_cfg.port, plan.key, self.device)
+            return [region.buffer[s:s + b.nbytes] for s, b in zip(plan.bucket_starts(), plan.buckets)], region
+        if mode == "direct":
+            largest = max(b.nbytes for b in plan.buckets)
+            return [torch.empty(largest, dtype=torch.uint8, device=self._rl_wire)
+                    for _ in range(min(2, len(plan.buckets)))], None
+        return [torch.empty(b.nbytes, dtype=torch.uint8, device=self._rl_wire) for b in plan.buckets], None
 
     def _rl_build_plan_state(self, request: WeightUpdateRequest, mode: str) -> _PlanState:
         plan = request.plan
@@ -96,10 +132,8 @@ class WeightReceiver:
         if mode in ("auto", "direct"):
             try:
                 per_bucket = self._rl_direct_copies(request)
-                largest = max(b.nbytes for b in plan.buckets)
-                buffers = [torch.empty(largest, dtype=torch.uint8, device=self._rl_wire)
-                           for _ in range(min(2, len(plan.buckets)))]
-                # Source views are fixed too: bucket i always lands in buffer i % 2.
+                buffers, region = self._rl_bucket_buffers(plan, "direct")
+                # Source views are fixed too: bucket i always lands in buffer i % len(buffers).
                 copies = []
                 for i, bucket_copies in enumerate(per_bucket):
                     buf = buffers[i % len(buffers)]
@@ -107,13 +141,13 @@ class WeightReceiver:
                     srcs = [bucket_view(buf, plan, c.param, offsets[c.param]).narrow(c.dim, c.start, c.length)
                             for c in bucket_copies]
                     copies.append(([c.dst for c in bucket_copies], srcs))
-                return _PlanState("direct", buffers, copies)
+                return _PlanState("direct", buffers, copies, region=region)
             except LayoutMismatch as e:
                 if mode == "direct":
                     raise
                 reason = str(e)
-        buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self._rl_wire) for b in plan.buckets]
-        return _PlanState("checkpoint", buffers, None, reason)
+        buffers, region = self._rl_bucket_buffers(plan, "checkpoint")
+        return _PlanState("checkpoint", buffers, None, reason, region)
 
     def _rl_direct_copies(self, request: WeightUpdateRequest):
         from vllm.distributed.parallel_state import get_tp_group
@@ -134,6 +168,10 @@ class WeightReceiver:
 
     def _rl_receive_direct(self, request: WeightUpdateRequest, state: _PlanState) -> None:
         plan = request.plan
+        if state.region is not None:  # shared: every bucket is already in place
+            state.region.check(request.version)
+            copy_all([d for dsts, _ in state.copies for d in dsts], [s for _, srcs in state.copies for s in srcs])
+            return
         n_buf = len(state.buffers)
         for i, bucket in enumerate(plan.buckets):
             buf = state.buffers[i % n_buf][:bucket.nbytes]
@@ -146,11 +184,14 @@ class WeightReceiver:
 
     def _rl_receive_checkpoint(self, request: WeightUpdateRequest, state: _PlanState) -> None:
         plan = request.plan
-        works = [broadcast_async(self._rl_group, buf) for buf in state.buffers]
+        if state.region is not None:
+            state.region.check(request.version)
+        works = [broadcast_async(self._rl_group, buf) if state.region is None else None for buf in state.buffers]
 
         def weights():
             for i, work in enumerate(works):
-                work.wait()
+                if work is not None:
+                    work.wait()
                 for param, view in bucket_views(state.buffers[i], plan, i):
                     yield plan.params[param].name, view
 

@@ -1,7 +1,10 @@
 """The sending side: rank 0 of the weight group. Packs named tensors into the plan's
-buckets and broadcasts them to every engine worker.
+buckets and hands them to every engine worker over the group's wire:
 
-Two pack buffers alternate, so packing bucket i+1 overlaps the broadcast of bucket i.
+- gloo / nccl: bucket by bucket over a broadcast; two pack buffers alternate, so
+  packing bucket i+1 overlaps the broadcast of bucket i.
+- shm / ipc (shared.py): into one region the workers have mapped; they copy out of it
+  after the sender returns (so `push_update` runs the sender first).
 """
 from __future__ import annotations
 
@@ -14,14 +17,19 @@ from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_gr
                     wire_device)
 from .layout import bucket_views
 from .protocol import DTYPES, UpdatePlan, WeightUpdateError, WeightUpdateRequest
+from .shared import SHARED_WIRES, SharedRegion
 
 
 class WeightSender:
     def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.group = join_weight_group(cfg, rank=0)
+        self.shared = cfg.backend in SHARED_WIRES
+        if cfg.backend == "ipc" and self.device.type != "cuda":
+            raise WeightUpdateError(f"ipc wire: the sender is on {self.device}, not a GPU (use shm on CPU)")
+        self.group = None if self.shared else join_weight_group(cfg, rank=0)
         self._buffers: dict[str, list[torch.Tensor]] = {}
+        self._region: tuple[str, SharedRegion] | None = None
 
     def _buffers_for(self, plan: UpdatePlan) -> list[torch.Tensor]:
         bufs = self._buffers.get(plan.key)
@@ -31,6 +39,15 @@ class WeightSender:
                     for _ in range(min(2, len(plan.buckets)))]
             self._buffers = {plan.key: bufs}  # one model per sender: drop older plans
         return bufs
+
+    def publish(self, plan: UpdatePlan) -> SharedRegion:
+        """The shared region for `plan` (created once; an older plan's is released)."""
+        if self._region is None or self._region[0] != plan.key:
+            if self._region is not None:
+                self._region[1].close()
+            self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.port, plan.key,
+                                                   plan.bucket_bytes, self.device))
+        return self._region[1]
 
     def check(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> None:
         """The tensors must be exactly what the plan says, or nothing is sent."""
@@ -43,10 +60,19 @@ class WeightSender:
                     f"{p.name}: tensor {tuple(t.shape)} {t.dtype} != plan {p.shape} {p.dtype}")
 
     def send(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> dict:
-        """Broadcast `tensors` laid out as `request.plan`. Blocks until sent."""
+        """Send `tensors` laid out as `request.plan`. Blocks until sent (shared wires:
+        until the region holds them, stamped with the request's version)."""
         plan = request.plan
-        bufs = self._buffers_for(plan)
         t0 = time.perf_counter()
+        if self.shared:
+            region = self.publish(plan)
+            for i, start in enumerate(plan.bucket_starts()):
+                views = bucket_views(region.buffer[start:start + plan.buckets[i].nbytes], plan, i)
+                copy_all([v for _, v in views], [tensors[plan.params[p].name] for p, _ in views])
+            synchronize(self.device)
+            region.stamp(request.version)
+            return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
+        bufs = self._buffers_for(plan)
         works = []
         for i, bucket in enumerate(plan.buckets):
             buf = bufs[i % len(bufs)]
@@ -61,15 +87,24 @@ class WeightSender:
         return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
 
     def send_raw(self, plan: UpdatePlan) -> dict:
-        """Broadcast the plan's buckets as they are, with no packing: the floor."""
-        bufs = self._buffers_for(plan)
+        """The floor: the plan's buckets as they are, no packing (shared wires: nothing
+        to send; the workers' copy out of the region is the floor)."""
         t0 = time.perf_counter()
-        for i, bucket in enumerate(plan.buckets):
-            broadcast_async(self.group, bufs[i % len(bufs)][:bucket.nbytes]).wait()
+        if self.shared:
+            self.publish(plan)
+        else:
+            bufs = self._buffers_for(plan)
+            for i, bucket in enumerate(plan.buckets):
+                broadcast_async(self.group, bufs[i % len(bufs)][:bucket.nbytes]).wait()
         synchronize(self.device)
         return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.bucket_bytes}
 
     def close(self) -> None:
         from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
-        stateless_destroy_torch_distributed_process_group(self.group)
+        if self._region is not None:
+            self._region[1].close()
+            self._region = None
+        if self.group is not None:
+            stateless_destroy_torch_distributed_process_group(self.group)
+            self.group = None

@@ -1,0 +1,137 @@
+"""Same-host wires: instead of broadcasting, the sender shares its bucket memory with
+every engine worker, and each worker copies straight out of it.
+
+  shm  POSIX shared memory, for processes on one host (the CPU twin that CI runs)
+  ipc  CUDA IPC, for a sender and workers on the same GPU (colocated learner + engine)
+
+Per plan, the sender owns one region holding all buckets back to back, and a small
+mailbox segment named after the group's token and the plan's key. The mailbox holds
+a version stamp and how to open the region (a segment name, or a CUDA IPC handle
+plus the GPU's UUID). Workers open both once per plan and keep them mapped; nothing
+is opened per step.
+
+One update: the sender packs every bucket, waits for its device, then stamps the
+version; each worker checks the stamp (a region that does not hold the requested
+version is refused before anything is copied), copies out of the region, waits for
+its device, and answers. The sender packs again only after every worker has
+answered (`push_update` orders it), so a region is never overwritten while read.
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from multiprocessing import resource_tracker, shared_memory
+
+import torch
+
+from .protocol import WeightUpdateError
+
+SHARED_WIRES = ("shm", "ipc")
+_HEADER = struct.Struct("<qq")  # version stamp, descriptor length
+MAILBOX_BYTES = 64 << 10
+
+
+def mailbox_name(token: int, plan_key: str) -> str:
+    return f"rlloop-{token}-{plan_key}"
+
+
+def _open_segment(name: str) -> shared_memory.SharedMemory:
+    """Open an existing segment without letting this process's resource tracker unlink
+    it at exit (Python < 3.13 registers every opened segment as if it created it)."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)
+    except TypeError:
+        seg = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001 (the documented workaround)
+        return seg
+
+
+def device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+class SharedRegion:
+    """The sender's side: a region of `nbytes` and its mailbox, for one plan."""
+
+    def __init__(self, wire: str, token: int, plan_key: str, nbytes: int, device: torch.device):
+        self.wire = wire
+        self.mailbox = shared_memory.SharedMemory(name=mailbox_name(token, plan_key), create=True,
+                                                  size=MAILBOX_BYTES)
+        self._data_segment = None
+        if wire == "shm":
+            self._data_segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+            self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=nbytes)
+            opener = {"segment": self._data_segment.name}
+        else:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            _, args = reduce_tensor(self.buffer)
+            opener = {"ipc_args": args, "uuid": device_uuid(device)}
+        descriptor = pickle.dumps({"wire": wire, "nbytes": nbytes, **opener})
+        if _HEADER.size + len(descriptor) > MAILBOX_BYTES:
+            raise WeightUpdateError("shared wire: region descriptor does not fit its mailbox")
+        _HEADER.pack_into(self.mailbox.buf, 0, 0, len(descriptor))
+        self.mailbox.buf[_HEADER.size:_HEADER.size + len(descriptor)] = descriptor
+
+    def stamp(self, version: int) -> None:
+        """Publish: the region now holds `version` (call after the device is idle)."""
+        struct.pack_into("<q", self.mailbox.buf, 0, version)
+
+    def close(self) -> None:
+        self.buffer = None
+        for seg in (self._data_segment, self.mailbox):
+            if seg is not None:
+                seg.close()
+                seg.unlink()
+        self._data_segment = self.mailbox = None
+
+
+class OpenedRegion:
+    """A worker's side: the sender's region for one plan, mapped once."""
+
+    def __init__(self, token: int, plan_key: str, device: torch.device):
+        name = mailbox_name(token, plan_key)
+        try:
+            self.mailbox = _open_segment(name)
+        except FileNotFoundError:
+            raise WeightUpdateError(
+                f"shared wire: no segment {name!r} on this host; the sender must run on the same "
+                "host (use weights.backend=gloo or nccl across hosts)") from None
+        _, length = _HEADER.unpack_from(self.mailbox.buf, 0)
+        info = pickle.loads(bytes(self.mailbox.buf[_HEADER.size:_HEADER.size + length]))
+        self._data_segment = None
+        if info["wire"] == "shm":
+            self._data_segment = _open_segment(info["segment"])
+            self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=info["nbytes"])
+        else:
+            self.buffer = _open_ipc(info, device)
+
+    def version(self) -> int:
+        return struct.unpack_from("<q", self.mailbox.buf, 0)[0]
+
+    def check(self, version: int) -> None:
+        held = self.version()
+        if held != version:
+            raise WeightUpdateError(f"shared wire: the sender's region holds v{held}, not the requested "
+                                    f"v{version}; nothing was copied")
+
+    def close(self) -> None:
+        self.buffer = None
+        for seg in (self._data_segment, self.mailbox):
+            if seg is not None:
+                seg.close()
+        self._data_segment = self.mailbox = None
+
+
+def _open_ipc(info: dict, device: torch.device) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if device.type != "cuda" or device_uuid(device) != info["uuid"]:
+        raise WeightUpdateError(
+            f"ipc wire: the sender's GPU ({info['uuid']}) is not this worker's "
+            f"({device_uuid(device) if device.type == 'cuda' else device}); ipc needs learner and engine "
+            "on the same GPU (use weights.backend=nccl between GPUs)")
+    args = list(info["ipc_args"])
+    args[6] = device.index  # the same GPU may have another index in this process
+    return rebuild_cuda_tensor(*args)
