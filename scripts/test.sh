@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, then runs the whole suite.
+# The test command: installs what it needs, then runs the whole suite (pure and
+# integration tests). During development, `-m "not integration"` runs the pure ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

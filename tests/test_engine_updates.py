@@ -163,11 +163,11 @@ def test_streaming_yields_tokens_as_they_come_then_the_generation(updater, greed
     assert all(version == updater.version for _, version in chunks)
 
 
-def test_per_request_seeds_make_sampling_repeatable(updater):
+def test_per_request_seeds_make_sampling_repeatable(engines):
     """A request with the same seed samples the same tokens, whatever else is in the
     batch; different seeds differ."""
     sampling = Sampling(max_tokens=16, temperature=1.0, ignore_eos=True)
-    engine = updater.engines[0]
+    engine = engines[0]
     first = ray.get(engine.generate.remote(["7+8="] * 3, sampling, [11, 11, 12]))
     again = ray.get(engine.generate.remote(["1+1=", "7+8="], sampling, [5, 11]))
     assert first[0].token_ids == first[1].token_ids == again[1].token_ids

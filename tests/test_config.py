@@ -1,0 +1,31 @@
+"""Hydra config -> typed run config: a bad value stops with one line naming its key."""
+import subprocess
+import sys
+from pathlib import Path
+
+from rlloop.config import ConfigError, build_run_config, compose_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_invalid_config_names_the_key(tmp_path):
+    for override, key in [("trainer.steps=0", "trainer.steps"), ("rollout.group_size=1", "rollout.group_size"),
+                          ("learner.loss_aggregation=sum", "learner.loss_aggregation"),
+                          ("model.path=/nonexistent", "model.path"),
+                          ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
+                          ("learner.backend=deepspeed", "learner.backend"),
+                          ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size")]:
+        cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
+        try:
+            build_run_config(cfg)
+        except ConfigError as e:
+            assert f"'{key}'" in str(e)
+        else:
+            raise AssertionError(f"{override} was accepted")
+
+
+def test_cli_reports_a_bad_key_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlloop.train", "+conf=grpo", "trainer.steps=-3",
+                          f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: config key 'trainer.steps': must be a positive integer, got -3"
