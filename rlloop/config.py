@@ -21,6 +21,7 @@ def build_run_config(cfg: DictConfig):
     from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
     from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
+    from rlloop.trackers import TRACKERS, missing_package
 
     def need(key, ok, what):
         value = OmegaConf.select(cfg, key)
@@ -49,6 +50,10 @@ def build_run_config(cfg: DictConfig):
     objective = build_objective(cfg)
     need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
+    loggers = tuple(need("trainer.loggers", lambda v: OmegaConf.is_list(v) and set(v) <= set(TRACKERS),
+                         f"must be a list of {', '.join(TRACKERS)}"))
+    if missing := missing_package(loggers):
+        raise ConfigError(f"config key 'trainer.loggers': {missing}")
     out = Path(cfg.output_dir)
     model = cfg.model.path
     resume = None
@@ -89,7 +94,7 @@ def build_run_config(cfg: DictConfig):
         refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
-        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts)
+        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts, loggers=loggers)
 
 
 # Objective fields set from config keys other than learner.<field>.

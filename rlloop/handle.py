@@ -34,8 +34,16 @@ class RunHandle:
                 "reward_mean": p["last"]["reward_mean"] if p["last"] else None,
                 "weight_version": p["last"]["weight_version"] if p["last"] else 0}
 
+    @property
+    def tracker_paths(self) -> dict[str, str]:
+        """Where each tracker of `trainer.loggers` writes, e.g. the TensorBoard log dir."""
+        from rlloop.trackers import tracker_paths
+
+        return tracker_paths(self.output_dir, self.config.loggers)
+
     def metrics(self):
-        """One row per step, as a pandas DataFrame."""
+        """One row per step, as a pandas DataFrame: the series every tracker gets, under
+        the same names (reward_mean, loss, kl_behaviour, grad_norm, ...)."""
         import pandas as pd
 
         return pd.DataFrame(ray.get(self.coordinator.metrics.remote()))
@@ -96,7 +104,7 @@ def launch_config(cfg) -> RunHandle:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=cfg.ray.dashboard,
                  log_to_driver=cfg.ray.log_to_driver,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
-    coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator", num_cpus=0,
+    coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator/0", num_cpus=0,
                                             max_concurrency=4).remote(run_cfg)
     return RunHandle(coord, coord.run.remote(), run_cfg)
 

@@ -1,6 +1,8 @@
 """Metrics through ray.util.metrics, so they appear in the Ray dashboard's metrics view
-and on each node's Prometheus endpoint. Every value is tagged with the reporting
-actor's run, role and index, taken from its name ("<run>/<role>/<index>")."""
+and on each node's Prometheus endpoint (names get Ray's `ray_` prefix). Every value is
+tagged with the reporting actor's run, role and index, taken from its name
+("<run>/<role>/<index>": coordinator, engine and learner actors are all named so).
+docs/grafana/rlloop.json charts every gauge below."""
 from __future__ import annotations
 
 from functools import cache
@@ -18,6 +20,18 @@ DESCRIPTIONS = {
     "rlloop_kl": "KL between learner and behaviour policy (last step)",
     "rlloop_clip_frac": "fraction of clipped tokens (last step)",
     "rlloop_dropped_stale": "samples dropped for exceeding max_lag (total)",
+    "rlloop_learner_step_ms": "wall time of the learner's last training step on this rank",
+    "rlloop_learner_tok_s": "completion tokens of the last training batch per second of its step",
+    "rlloop_learner_steps": "training steps the learner has taken (its policy version)",
+    "rlloop_grad_norm": "gradient norm before clipping (last step, mean over mini-batches)",
+}
+# Which actor role reports each gauge.
+ROLES = {
+    "coordinator": ("rlloop_weight_version", "rlloop_reward", "rlloop_lag_max", "rlloop_tok_s", "rlloop_loss",
+                    "rlloop_kl", "rlloop_clip_frac", "rlloop_dropped_stale"),
+    "engine": ("rlloop_weight_version", "rlloop_update_ms", "rlloop_stall_ms", "rlloop_transfer_gbps",
+               "rlloop_in_flight"),
+    "learner": ("rlloop_learner_step_ms", "rlloop_learner_tok_s", "rlloop_learner_steps", "rlloop_grad_norm"),
 }
 TAG_KEYS = ("run", "role", "index")
 
@@ -30,21 +44,25 @@ def _gauge(name: str):
 
 
 @cache
-def actor_tags() -> dict[str, str]:
+def actor_tags() -> dict[str, str] | None:
+    """run, role and index of this actor; None outside a named rlloop actor."""
     import ray
 
-    name = ray.get_runtime_context().get_actor_name() or "driver"
-    parts = name.split("/")
-    if len(parts) >= 3:
-        run, role, index = "/".join(parts[:-2]), parts[-2], parts[-1]
-    else:
-        run, role, index = name, "actor", "0"
-    return {"run": run, "role": role, "index": index}
+    parts = (ray.get_runtime_context().get_actor_name() or "").split("/")
+    if len(parts) < 3:
+        return None
+    return {"run": "/".join(parts[:-2]), "role": parts[-2], "index": parts[-1]}
 
 
-def report(**values: float) -> None:
-    """Set gauges `rlloop_<key>` for this actor, e.g. report(stall_ms=12.5)."""
-    tags = actor_tags()
+def report(**values: float | None) -> None:
+    """Set gauges `rlloop_<key>` for this actor, e.g. report(stall_ms=12.5); None
+    values are skipped. Outside a named Ray actor (a learner built in a test or a
+    script) there is no run to label, and nothing is exported."""
+    import ray
+
+    tags = actor_tags() if ray.is_initialized() else None
+    if tags is None:
+        return
     for key, value in values.items():
         if value is not None:
             _gauge(f"rlloop_{key}").set(float(value), tags=tags)

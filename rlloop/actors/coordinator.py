@@ -33,6 +33,7 @@ from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
 from rlloop.tasks.arithmetic import Problem, numeric_reward
+from rlloop.trackers import RunTrackers, hyperparameters, progress_line
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
 from rlloop.weights.shared import SHARED_WIRES
 
@@ -68,6 +69,7 @@ class RunConfig:
     learner_restarts: int = 3  # a restarted learner reloads the last checkpoint
     checkpoint_every: int = 0  # steps; 0: only at the end
     resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
+    loggers: tuple[str, ...] = ("jsonl",)  # rlloop/trackers.py: jsonl (always), tensorboard, wandb, mlflow
 
 
 class Coordinator:
@@ -298,9 +300,9 @@ class Coordinator:
         if not cfg.resume:
             self._sft()
         self._push()  # engines now serve the learner's weights
-        metrics_file = (self.out / "metrics.jsonl").open("w")
+        trackers = RunTrackers(cfg.loggers, cfg.output_dir, cfg.name, hyperparameters(cfg))
         for row in self.history:  # a resumed run's curve continues the old one
-            metrics_file.write(json.dumps(row) + "\n")
+            trackers.log(row)
         rollout = self._submit_rollout(first_step)
         for step in range(first_step, cfg.steps):
             last = step + 1 == cfg.steps or self.stop_requested
@@ -317,16 +319,16 @@ class Coordinator:
             report(weight_version=self.version, reward=row["reward_mean"], lag_max=row["lag_max"],
                    tok_s=row["tok_s"], loss=row.get("loss"), kl=row.get("kl_behaviour"),
                    clip_frac=row.get("clip_frac"), dropped_stale=self.dropped_stale)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            trackers.log(row)
+            print(progress_line(cfg.name, row, cfg.steps), flush=True)  # to this actor's log (dashboard)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
                 self._checkpoint(step)
             if last:
                 break
-        metrics_file.close()
         summary = self._summary(time.perf_counter() - t_start)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         plot_rewards(self.history, self.out / "reward.png", cfg.name)
+        trackers.close(plot=self.out / "reward.png")
         return summary
 
     def _train(self, samples) -> dict:

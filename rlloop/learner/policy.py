@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlloop.learner.grpo import LossInputs, Objective, token_weights, truncated_is
+from rlloop.metrics import report
 
 
 @dataclass
@@ -195,7 +196,10 @@ class PolicyLearner:
         if maxes:
             keys = sorted(maxes)
             out.update(zip(keys, self.dp_max(torch.tensor([maxes[x] for x in keys], dtype=torch.float64)).tolist()))
-        return {**out, "grad_norm": sum(grad_norms) / k, "train_ms": (time.perf_counter() - t0) * 1e3}
+        result = {**out, "grad_norm": sum(grad_norms) / k, "train_ms": (time.perf_counter() - t0) * 1e3}
+        report(learner_step_ms=result["train_ms"], grad_norm=result["grad_norm"], learner_steps=self.steps,
+               learner_tok_s=sum(len(s.completion_ids) for s in samples) / result["train_ms"] * 1e3)
+        return result
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """The policy's log-prob of each completion token (no training)."""
