@@ -35,6 +35,7 @@ class EngineConfig:
     load_format: str = "auto"
     enforce_eager: bool = True
     receive_mode: str = "auto"  # see rlloop.weights.receiver
+    enable_sleep_mode: bool = False  # GPU only: sleep() / wake_up() free and retake the engine's memory
 
 
 @dataclass
@@ -101,6 +102,7 @@ class GenerationEngine:
             gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, seed=config.seed, load_format=config.load_format,
             enforce_eager=config.enforce_eager, enable_prefix_caching=False,
+            enable_sleep_mode=config.enable_sleep_mode,
             kv_cache_memory_bytes=None if torch.cuda.is_available() else cpu_kv_cache_bytes(config),
             worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
         )
@@ -251,6 +253,29 @@ class GenerationEngine:
         results = await self.llm.collective_rpc(
             "rl_receive", args=(pack(request), self.config.receive_mode), kwargs={"load": False})
         return results[0]
+
+    async def sleep(self, level: int = 1) -> dict:
+        """Release the engine's GPU memory while the learner trains (vLLM sleep mode;
+        needs enable_sleep_mode): level 1 moves the weights to host memory and drops the
+        KV cache, level 2 drops both (the next full weight update rewrites every
+        parameter). Refused while requests are in flight: vLLM would abort them."""
+        if self.stats_.in_flight:
+            raise RuntimeError(f"engine sleep refused: {self.stats_.in_flight} requests in flight would be aborted")
+        before = await self._free_device_bytes()
+        t0 = time.perf_counter()
+        await self.llm.sleep(level)
+        sleep_ms = (time.perf_counter() - t0) * 1e3
+        return {"sleep_ms": sleep_ms, "released_bytes": await self._free_device_bytes() - before}
+
+    async def wake_up(self) -> dict:
+        before = await self._free_device_bytes()
+        t0 = time.perf_counter()
+        await self.llm.wake_up()
+        wake_ms = (time.perf_counter() - t0) * 1e3
+        return {"wake_ms": wake_ms, "retaken_bytes": before - await self._free_device_bytes()}
+
+    async def _free_device_bytes(self) -> int:
+        return min(await self.llm.collective_rpc("rl_free_device_bytes"))
 
     def version(self) -> int:
         return self.stats_.version

@@ -29,13 +29,13 @@ def join_engines(engines: Sequence, tp_sizes: Sequence[int], cfg: WeightGroupCon
 
 
 def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, device="cpu",
-                      host: str | None = None, timeout_s: float = 120.0) -> WeightSender:
+                      host: str | None = None, timeout_s: float = 120.0, in_place: bool = False) -> WeightSender:
     """Form the group with this process as the sender; returns the sender once every
-    engine worker has joined."""
+    engine worker has joined (`in_place`: see WeightSender)."""
     cfg = weight_group_config(tp_sizes, backend, host, timeout_s)
     joins = join_engines(engines, tp_sizes, cfg)
     with ThreadPoolExecutor(1) as pool:
-        sender = pool.submit(WeightSender, cfg, device)
+        sender = pool.submit(WeightSender, cfg, device, in_place)
         # An engine that fails to join raises here at once instead of leaving the
         # sender waiting out its timeout.
         pending = joins

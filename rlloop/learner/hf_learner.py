@@ -69,7 +69,7 @@ class HFLearner(PolicyLearner):
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
         from rlloop.weights.sender import WeightSender
 
-        self.sender = WeightSender(cfg, self.device)
+        self.sender = WeightSender(cfg, self.device, in_place=True)  # ipc: parameters are shared as they are
 
     def send_weights(self, request: WeightUpdateRequest) -> dict:
         tensors = self._tensors()

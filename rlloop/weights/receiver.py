@@ -72,6 +72,10 @@ class WeightReceiver:
             state.close()
         self._rl_plans = {}
 
+    def rl_free_device_bytes(self) -> int:
+        """Free memory on this worker's GPU (what sleep mode releases shows here)."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+
     def rl_prepare(self, request: bytes, mode: str = "auto") -> str:
         """Build (once per plan) this worker's buffers and copy plan; returns the mode."""
         return self._rl_plan_state(unpack(request), mode).mode
@@ -84,6 +88,8 @@ class WeightReceiver:
         plan = request.plan
         t0 = time.perf_counter()
         if state.region is not None and not load:
+            if state.region.buffer is None:
+                raise ValueError("an in-place region has no bucket buffer to copy (raw floor)")
             if state.scratch is None:
                 state.scratch = torch.empty_like(state.region.buffer)
             state.scratch.copy_(state.region.buffer)
@@ -119,6 +125,8 @@ class WeightReceiver:
         (checkpoint), or, on a shared wire, views of the sender's region."""
         if self._rl_group is None:
             region = OpenedRegion(self._rl_cfg.port, plan.key, self.device)
+            if region.tensors is not None:
+                return None, region
             return [region.buffer[s:s + b.nbytes] for s, b in zip(plan.bucket_starts(), plan.buckets)], region
         if mode == "direct":
             largest = max(b.nbytes for b in plan.buckets)
@@ -133,13 +141,14 @@ class WeightReceiver:
             try:
                 per_bucket = self._rl_direct_copies(request)
                 buffers, region = self._rl_bucket_buffers(plan, "direct")
-                # Source views are fixed too: bucket i always lands in buffer i % len(buffers).
+                # Source views are fixed too: bucket i always lands in buffer i % len(buffers)
+                # (in place: each parameter is the sender's own tensor).
                 copies = []
                 for i, bucket_copies in enumerate(per_bucket):
-                    buf = buffers[i % len(buffers)]
                     offsets = {e.param: e.offset for e in plan.buckets[i].entries}
-                    srcs = [bucket_view(buf, plan, c.param, offsets[c.param]).narrow(c.dim, c.start, c.length)
-                            for c in bucket_copies]
+                    srcs = [(region.tensors[c.param] if buffers is None else
+                             bucket_view(buffers[i % len(buffers)], plan, c.param, offsets[c.param]))
+                            .narrow(c.dim, c.start, c.length) for c in bucket_copies]
                     copies.append(([c.dst for c in bucket_copies], srcs))
                 return _PlanState("direct", buffers, copies, region=region)
             except LayoutMismatch as e:
@@ -186,6 +195,10 @@ class WeightReceiver:
         plan = request.plan
         if state.region is not None:
             state.region.check(request.version)
+            if state.region.tensors is not None:  # in place: the sender's own tensors
+                weights = zip((p.name for p in plan.params), state.region.tensors)
+                self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+                return
         works = [broadcast_async(self._rl_group, buf) if state.region is None else None for buf in state.buffers]
 
         def weights():

@@ -4,7 +4,9 @@ buckets and hands them to every engine worker over the group's wire:
 - gloo / nccl: bucket by bucket over a broadcast; two pack buffers alternate, so
   packing bucket i+1 overlaps the broadcast of bucket i.
 - shm / ipc (shared.py): into one region the workers have mapped; they copy out of it
-  after the sender returns (so `push_update` runs the sender first).
+  after the sender returns (so `push_update` runs the sender first). With ipc and
+  `in_place=True` the sender's tensors themselves are the region (no packing): for
+  tensors that stay where they are between updates, such as a model's parameters.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from .shared import SHARED_WIRES, SharedRegion
 
 
 class WeightSender:
-    def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu", in_place: bool = False):
         self.cfg = cfg
         self.device = torch.device(device)
         self.shared = cfg.backend in SHARED_WIRES
+        self.in_place = in_place and cfg.backend == "ipc"
         if cfg.backend == "ipc" and self.device.type != "cuda":
             raise WeightUpdateError(f"ipc wire: the sender is on {self.device}, not a GPU (use shm on CPU)")
         self.group = None if self.shared else join_weight_group(cfg, rank=0)
@@ -40,13 +43,14 @@ class WeightSender:
             self._buffers = {plan.key: bufs}  # one model per sender: drop older plans
         return bufs
 
-    def publish(self, plan: UpdatePlan) -> SharedRegion:
-        """The shared region for `plan` (created once; an older plan's is released)."""
+    def publish(self, plan: UpdatePlan, tensors: Mapping[str, torch.Tensor] | None = None) -> SharedRegion:
+        """The shared region for `plan` (created once; an older plan's is released);
+        in place, `tensors` are shared themselves."""
         if self._region is None or self._region[0] != plan.key:
             if self._region is not None:
                 self._region[1].close()
-            self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.port, plan.key,
-                                                   plan.bucket_bytes, self.device))
+            self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.port, plan,
+                                                   self.device, tensors if self.in_place else None))
         return self._region[1]
 
     def check(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -64,6 +68,12 @@ class WeightSender:
         until the region holds them, stamped with the request's version)."""
         plan = request.plan
         t0 = time.perf_counter()
+        if self.in_place:
+            region = self.publish(plan, tensors)
+            region.check_in_place(plan, tensors)
+            synchronize(self.device)  # the optimizer step that wrote them is done
+            region.stamp(request.version)
+            return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
         if self.shared:
             region = self.publish(plan)
             for i, start in enumerate(plan.bucket_starts()):
@@ -90,6 +100,8 @@ class WeightSender:
         """The floor: the plan's buckets as they are, no packing (shared wires: nothing
         to send; the workers' copy out of the region is the floor)."""
         t0 = time.perf_counter()
+        if self.in_place:
+            raise WeightUpdateError("an in-place sender shares tensors, not buckets: no raw floor")
         if self.shared:
             self.publish(plan)
         else:

@@ -4,31 +4,35 @@ every engine worker, and each worker copies straight out of it.
   shm  POSIX shared memory, for processes on one host (the CPU twin that CI runs)
   ipc  CUDA IPC, for a sender and workers on the same GPU (colocated learner + engine)
 
-Per plan, the sender owns one region holding all buckets back to back, and a small
-mailbox segment named after the group's token and the plan's key. The mailbox holds
-a version stamp and how to open the region (a segment name, or a CUDA IPC handle
-plus the GPU's UUID). Workers open both once per plan and keep them mapped; nothing
-is opened per step.
+Per plan, the sender shares a region and a small mailbox segment named after the
+group's token and the plan's key. The region is either one buffer holding all
+buckets back to back (the sender packs into it), or, with ipc and a sender whose
+tensors stay where they are (a model's parameters), the sender's tensors themselves:
+then an update is one copy, straight from the learner's parameters into vLLM's. The
+mailbox holds a version stamp and how to open the region (a segment name, or CUDA IPC
+handles plus the GPU's UUID). Workers open both once per plan and keep them mapped;
+nothing is opened per step.
 
-One update: the sender packs every bucket, waits for its device, then stamps the
-version; each worker checks the stamp (a region that does not hold the requested
-version is refused before anything is copied), copies out of the region, waits for
-its device, and answers. The sender packs again only after every worker has
-answered (`push_update` orders it), so a region is never overwritten while read.
+One update: the sender packs every bucket (or nothing, in place), waits for its
+device, then stamps the version; each worker checks the stamp (a region that does not
+hold the requested version is refused before anything is copied), copies out of the
+region, waits for its device, and answers. The sender writes again (packs, or lets
+the optimizer step) only after every worker has answered (`push_update` orders it),
+so a region is never overwritten while read.
 """
 from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Mapping
 from multiprocessing import resource_tracker, shared_memory
 
 import torch
 
-from .protocol import WeightUpdateError
+from .protocol import UpdatePlan, WeightUpdateError
 
 SHARED_WIRES = ("shm", "ipc")
 _HEADER = struct.Struct("<qq")  # version stamp, descriptor length
-MAILBOX_BYTES = 64 << 10
 
 
 def mailbox_name(token: int, plan_key: str) -> str:
@@ -51,28 +55,44 @@ def device_uuid(device: torch.device) -> str:
 
 
 class SharedRegion:
-    """The sender's side: a region of `nbytes` and its mailbox, for one plan."""
+    """The sender's side, for one plan: a packed buffer of `plan.bucket_bytes`, or
+    (ipc, `tensors` given) the tensors themselves, and the mailbox."""
 
-    def __init__(self, wire: str, token: int, plan_key: str, nbytes: int, device: torch.device):
+    def __init__(self, wire: str, token: int, plan: UpdatePlan, device: torch.device,
+                 tensors: Mapping[str, torch.Tensor] | None = None):
         self.wire = wire
-        self.mailbox = shared_memory.SharedMemory(name=mailbox_name(token, plan_key), create=True,
-                                                  size=MAILBOX_BYTES)
         self._data_segment = None
-        if wire == "shm":
-            self._data_segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
-            self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=nbytes)
-            opener = {"segment": self._data_segment.name}
+        self.buffer = None
+        self.pointers = None
+        if tensors is not None:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            if wire != "ipc":
+                raise WeightUpdateError("in-place sending shares GPU tensors: it needs the ipc wire")
+            shared = [tensors[p.name] for p in plan.params]
+            self.pointers = [t.data_ptr() for t in shared]
+            opener = {"kind": "tensors", "ipc_args": [reduce_tensor(t)[1] for t in shared],
+                      "uuid": device_uuid(device)}
+        elif wire == "shm":
+            self._data_segment = shared_memory.SharedMemory(create=True, size=max(plan.bucket_bytes, 1))
+            self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=plan.bucket_bytes)
+            opener = {"kind": "buckets", "segment": self._data_segment.name}
         else:
             from torch.multiprocessing.reductions import reduce_tensor
 
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            _, args = reduce_tensor(self.buffer)
-            opener = {"ipc_args": args, "uuid": device_uuid(device)}
-        descriptor = pickle.dumps({"wire": wire, "nbytes": nbytes, **opener})
-        if _HEADER.size + len(descriptor) > MAILBOX_BYTES:
-            raise WeightUpdateError("shared wire: region descriptor does not fit its mailbox")
+            self.buffer = torch.empty(plan.bucket_bytes, dtype=torch.uint8, device=device)
+            opener = {"kind": "buckets", "ipc_args": reduce_tensor(self.buffer)[1], "uuid": device_uuid(device)}
+        descriptor = pickle.dumps({"wire": wire, "nbytes": plan.bucket_bytes, **opener})
+        self.mailbox = shared_memory.SharedMemory(name=mailbox_name(token, plan.key), create=True,
+                                                  size=_HEADER.size + len(descriptor))
         _HEADER.pack_into(self.mailbox.buf, 0, 0, len(descriptor))
         self.mailbox.buf[_HEADER.size:_HEADER.size + len(descriptor)] = descriptor
+
+    def check_in_place(self, plan: UpdatePlan, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Shared tensors must still be where they were when shared."""
+        if [tensors[p.name].data_ptr() for p in plan.params] != self.pointers:
+            raise WeightUpdateError("in-place send: the tensors moved since they were shared; "
+                                    "send packed (in_place=False) or keep the same tensors")
 
     def stamp(self, version: int) -> None:
         """Publish: the region now holds `version` (call after the device is idle)."""
@@ -101,11 +121,15 @@ class OpenedRegion:
         _, length = _HEADER.unpack_from(self.mailbox.buf, 0)
         info = pickle.loads(bytes(self.mailbox.buf[_HEADER.size:_HEADER.size + length]))
         self._data_segment = None
-        if info["wire"] == "shm":
+        self.buffer = None  # kind "buckets": every bucket back to back
+        self.tensors = None  # kind "tensors": the sender's tensor for each plan parameter
+        if info["kind"] == "tensors":
+            self.tensors = [_open_ipc(args, info["uuid"], device) for args in info["ipc_args"]]
+        elif info["wire"] == "shm":
             self._data_segment = _open_segment(info["segment"])
             self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=info["nbytes"])
         else:
-            self.buffer = _open_ipc(info, device)
+            self.buffer = _open_ipc(info["ipc_args"], info["uuid"], device)
 
     def version(self) -> int:
         return struct.unpack_from("<q", self.mailbox.buf, 0)[0]
@@ -117,21 +141,21 @@ class OpenedRegion:
                                     f"v{version}; nothing was copied")
 
     def close(self) -> None:
-        self.buffer = None
+        self.buffer = self.tensors = None
         for seg in (self._data_segment, self.mailbox):
             if seg is not None:
                 seg.close()
         self._data_segment = self.mailbox = None
 
 
-def _open_ipc(info: dict, device: torch.device) -> torch.Tensor:
+def _open_ipc(ipc_args, uuid: str, device: torch.device) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    if device.type != "cuda" or device_uuid(device) != info["uuid"]:
+    if device.type != "cuda" or device_uuid(device) != uuid:
         raise WeightUpdateError(
-            f"ipc wire: the sender's GPU ({info['uuid']}) is not this worker's "
+            f"ipc wire: the sender's GPU ({uuid}) is not this worker's "
             f"({device_uuid(device) if device.type == 'cuda' else device}); ipc needs learner and engine "
             "on the same GPU (use weights.backend=nccl between GPUs)")
-    args = list(info["ipc_args"])
+    args = list(ipc_args)
     args[6] = device.index  # the same GPU may have another index in this process
     return rebuild_cuda_tensor(*args)
