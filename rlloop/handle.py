@@ -101,7 +101,9 @@ def launch_config(cfg) -> RunHandle:
     run_cfg = build_run_config(cfg)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=cfg.ray.dashboard,
+        # "local", not None: None would join whatever cluster /tmp/ray/ray_current_cluster
+        # names (another user's `ray start`, or a stale one: the run then hangs on it).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=cfg.ray.dashboard,
                  log_to_driver=cfg.ray.log_to_driver,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
     coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator/0", num_cpus=0,
