@@ -1,17 +1,29 @@
 """The main job end to end on the embedded default: Hydra config -> coordinator ->
-engine + learner actors -> GRPO with in-flight updates; the reward must rise."""
+engine + learner actors -> GRPO with in-flight updates; the reward must rise.
+
+Every run here is seeded (problems, sampling seeds, model init, learner). Synchronous
+runs (trainer.pipelined=false) are then reproducible to the bit; pipelined ones still
+vary with timing (which weights sampled which token), so each learning bound sits
+well below the lowest of five seeds, and the spread measured is written beside it."""
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
+import pytest
 import ray
 
-from rlloop.config import ConfigError, build_run_config, compose_config
+from rlloop.config import compose_config
+from rlloop.handle import launch_config
 from rlloop.train import run
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,8 +45,9 @@ def _scrape_rlloop_metrics() -> dict[str, float]:
 
 
 def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
+    """The default run (pipelined, 200 steps), seeded."""
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(run, _cfg(tmp_path, "trainer.steps=100"))
+        job = pool.submit(run, _cfg(tmp_path, "seed=0"))
         seen: dict[str, float] = {}
         while not job.done():  # metrics must show while the run is going
             try:
@@ -47,63 +60,59 @@ def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
                  "rlloop_tok_s", "rlloop_transfer_gbps"):
         assert seen.get(name, 0) > 0, f"{name} not exported with a non-zero value: {sorted(seen)}"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 100
+    assert len(rows) == 200
     assert all(k in rows[0] for k in ("step", "reward_mean", "weight_version", "lag_max", "tok_s"))
     versions = [r["weight_version"] for r in rows]
     assert versions == sorted(set(versions)), "one new weight version per step"
     assert all(r["lag_max"] <= 1 for r in rows), "max_lag=1 must hold for every used sample"
     assert any(r["lag_max"] == 1 for r in rows), "pipelined rollout should overlap an update"
+    # Gain (last 10 - first 10 steps) over seeds 0-4: 0.29-0.46 (seed 0: 0.38). At 100
+    # steps it was 0.22-0.36, too close to this bound (an unseeded run gave 0.16).
     assert summary["reward_last"] >= summary["reward_first"] + 0.2, summary
     assert (tmp_path / "reward.png").stat().st_size > 1000
 
 
-def test_invalid_config_names_the_key(tmp_path):
-    for override, key in [("trainer.steps=0", "trainer.steps"), ("rollout.group_size=1", "rollout.group_size"),
-                          ("learner.loss_aggregation=sum", "learner.loss_aggregation"),
-                          ("model.path=/nonexistent", "model.path"),
-                          ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
-                          ("learner.backend=deepspeed", "learner.backend"),
-                          ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size")]:
-        try:
-            build_run_config(_cfg(tmp_path, override))
-        except ConfigError as e:
-            assert f"'{key}'" in str(e)
-        else:
-            raise AssertionError(f"{override} was accepted")
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cli_reports_a_bad_key_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rlloop.train", "+conf=grpo", "trainer.steps=-3",
-                          f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "error: config key 'trainer.steps': must be a positive integer, got -3"
+def _curve(rows: list[dict]) -> list[tuple]:
+    """What a seed determines in a synchronous run (timings and tok/s vary)."""
+    return [(r["step"], r["reward_mean"], r.get("loss")) for r in rows]
 
 
-def test_resume_continues_the_curve(tmp_path, ray_cluster):
+def test_same_seed_synchronous_runs_write_identical_curves(tmp_path, ray_cluster):
+    """What the README promises for `trainer.pipelined=false seed=7`, on a short run."""
+    runs = []
+    for name in ("same-seed-a", "same-seed-b"):
+        run(_cfg(tmp_path / name, f"name={name}", "seed=7", "trainer.pipelined=false", "trainer.steps=8",
+                 "trainer.sft_steps=5"))
+        runs.append(_curve(_rows(tmp_path / name)))
+    assert runs[0] == runs[1]
+    assert len({reward for _, reward, _ in runs[0]}) > 1, "a curve, not a constant"
+
+
+def test_resume_reproduces_the_run_it_continues(tmp_path, ray_cluster):
+    """A synchronous run resumed from its step-15 checkpoint (weights, optimizer,
+    problem stream, sampling seeds) writes the same curve as the run that went on."""
     first = tmp_path / "first"
-    run(_cfg(first, "trainer.steps=30", "trainer.checkpoint_every=15", "name=resume-a"))
+    run(_cfg(first, "trainer.pipelined=false", "trainer.steps=30", "trainer.checkpoint_every=15",
+             "name=resume-a"))
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["step_000015", "step_000030"]
-    before = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
     second = tmp_path / "second"
-    summary = run(_cfg(second, "trainer.steps=40", f"resume={first}", "name=resume-b"))
-    rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(40))
-    assert rows[:30] == before, "the resumed run carries the old curve"
+    summary = run(_cfg(second, "trainer.pipelined=false", "trainer.steps=30",
+                       f"resume={first / 'checkpoints' / 'step_000015'}", "name=resume-b"))
+    before, rows = _rows(first), _rows(second)
+    assert rows[:15] == before[:15], "the resumed run carries the old curve"
+    assert _curve(rows) == _curve(before)
     versions = [r["weight_version"] for r in rows]
-    assert versions == sorted(set(versions)) and versions[30] == before[-1]["weight_version"] + 2
-    # It continues from the trained policy, not from the warm-up: rewards stay near
-    # where the first run ended (a fresh start sits near the first steps' reward).
-    resumed = sum(r["reward_mean"] for r in rows[30:]) / 10
-    start = sum(r["reward_mean"] for r in before[:5]) / 5
-    assert resumed > start + 0.05, (start, resumed)
-    assert summary["steps"] == 40
+    assert versions == sorted(set(versions))
+    assert summary["steps"] == 30
 
 
 def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
     """Launch a run, ray.kill `actor` (Ray restarts it) once `at_step` steps are done,
     wait for the run to end; its summary and per-step metrics."""
-    from rlloop.handle import launch_config
-
     handle = launch_config(_cfg(tmp_path, "weights.timeout_s=30", *overrides))
     deadline = time.time() + 300
     while handle.status()["step"] < at_step and time.time() < deadline:
@@ -113,9 +122,9 @@ def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
 
 
 def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_cluster):
-    """Issue 5: ray.kill an engine mid-run; the run finishes every step with full
-    batches, and the restarted engine ends on the current weight version."""
-    summary, rows = _kill_mid_run(tmp_path, "faulty/engine/0", 5, "trainer.steps=30", "name=faulty")
+    """ray.kill an engine mid-run; the run finishes every step with full batches, and
+    the restarted engine ends on the current weight version."""
+    summary, rows = _kill_mid_run(tmp_path, "faulty/engine/0", 5, "seed=0", "trainer.steps=30", "name=faulty")
     assert summary["steps"] == 30 and summary["failures"] >= 1
     assert (rows["generated"] == 32 * 8).all(), "every step keeps its full batch"
     assert rows["weight_version"].is_monotonic_increasing
@@ -123,22 +132,20 @@ def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_
 
 
 def test_killed_learner_resumes_from_the_last_checkpoint(tmp_path, ray_cluster):
-    summary, rows = _kill_mid_run(tmp_path, "faulty-learner/learner/0", 12, "trainer.steps=40",
+    summary, rows = _kill_mid_run(tmp_path, "faulty-learner/learner/0", 12, "seed=0", "trainer.steps=80",
                                   "trainer.checkpoint_every=5", "name=faulty-learner")
-    assert summary["steps"] == 40 and summary["learner_restores"] == 1
+    assert summary["steps"] == 80 and summary["learner_restores"] == 1
     # Restored from a trained checkpoint (killed at step >= 12, checkpoints every 5).
     assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
-    # And it kept learning from there: reward ends above the start.
-    assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.05
+    # And it kept learning from there. Uninterrupted runs, seeds 0-4, steps 60-69 vs
+    # 0-4 (the kill costs up to 10 steps): +0.19 to +0.30.
+    assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
 
 
 def test_cli_run_leaves_no_processes_behind(tmp_path):
     """A finished run takes its Ray cluster, engines (and their vLLM processes) and
     learner down with it. Its processes are told apart by an inherited variable."""
-    import os
-    import uuid
-
     token = uuid.uuid4().hex
     out = subprocess.run([sys.executable, "-m", "rlloop.train", "+conf=grpo", "trainer.steps=3",
                           "trainer.sft_steps=2", f"output_dir={tmp_path}", "name=orphans"],
@@ -153,8 +160,6 @@ def test_cli_run_leaves_no_processes_behind(tmp_path):
 
 
 def _tagged_processes(token: str) -> list[str]:
-    import psutil
-
     found = []
     for p in psutil.process_iter():
         try:
@@ -169,13 +174,14 @@ def test_megatron_tp2_learner_trains_and_survives_losing_a_rank(tmp_path, ray_cl
     """GRPO with a megatron learner of two TP ranks: the coordinator exports through
     the per-bucket gather, checkpoints per rank; when one rank is killed mid-run all
     ranks restart together, reload the last checkpoint, and the run completes."""
-    summary, rows = _kill_mid_run(tmp_path, "mcore-tp2/learner/1", 14, "trainer.steps=40",
+    summary, rows = _kill_mid_run(tmp_path, "mcore-tp2/learner/1", 14, "seed=0", "trainer.steps=80",
                                   "trainer.checkpoint_every=10", "learner.backend=megatron",
                                   "learner.tensor_parallel_size=2", "name=mcore-tp2")
-    assert summary["steps"] == 40 and summary["learner_restores"] == 1, summary
+    assert summary["steps"] == 80 and summary["learner_restores"] == 1, summary
     assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
+    # TP=2 trains as TP=1 does (test_megatron_learner): the same spread, +0.19 to +0.30.
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
-    last = tmp_path / "checkpoints" / "step_000040"
+    last = tmp_path / "checkpoints" / "step_000080"
     assert {p.name for p in last.glob("learner_state_rank*.pt")} == {"learner_state_rank0.pt",
                                                                       "learner_state_rank1.pt"}
