@@ -8,13 +8,12 @@ worker, and the scheduler resumes. Requests simply continue on the new version.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rlloop.actors.weight_sync import placement
@@ -167,7 +166,7 @@ class GenerationEngine:
         """`seeds`: one sampling seed per prompt (overrides `sampling.seed`), so that a
         request issued again samples the same tokens from the same weights."""
         sampling = sampling or Sampling()
-        per_prompt = ([dataclasses.replace(sampling, seed=s) for s in seeds] if seeds is not None
+        per_prompt = ([replace(sampling, seed=s) for s in seeds] if seeds is not None
                       else [sampling] * len(prompts))
         return list(await asyncio.gather(*(self.generate_one(p, s) for p, s in zip(prompts, per_prompt))))
 
