@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 _REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -76,12 +77,16 @@ def build_run_config(cfg: DictConfig):
         path = need("rollout.jsonl_path", lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
         problems = jsonl_problems(path)
     e = cfg.engines
+    sleep = bool(e.sleep_while_training)
+    if sleep and (cfg.trainer.pipelined or not torch.cuda.is_available()):
+        raise ConfigError("config key 'engines.sleep_while_training': needs a GPU (vLLM sleep mode) and "
+                          "trainer.pipelined=false (a sleeping engine cannot generate the next rollout)")
     return RunConfig(
         name=str(cfg.name), output_dir=str(out), model=model, problems=tuple(problems),
         engine=EngineConfig(model=model, dtype=cfg.model.dtype, tensor_parallel_size=e.tensor_parallel_size,
                             gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                             max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
-                            receive_mode=e.receive_mode),
+                            receive_mode=e.receive_mode, enable_sleep_mode=sleep),
         learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
                               max_grad_norm=cfg.learner.max_grad_norm, objective=objective,
                               ppo_mini_batches=cfg.learner.ppo_mini_batches, seed=cfg.seed, dtype=cfg.learner.dtype,
@@ -90,7 +95,7 @@ def build_run_config(cfg: DictConfig):
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
-        max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
+        sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
         refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,

@@ -59,6 +59,7 @@ class RunConfig:
     zero_advantage: str = "drop"  # drop | keep | refill (docs/objectives.md)
     refill_rounds: int = 4  # zero_advantage=refill: extra rollouts per step at most
     pipelined: bool = True
+    sleep_while_training: bool = False  # engines sleep (GPU memory released) while the learner trains
     bucket_mb: float = 64
     backend: str = "auto"
     timeout_s: float = 120
@@ -311,9 +312,11 @@ class Coordinator:
             samples, roll = self._collect(rollout, step)
             if cfg.pipelined and not last:
                 rollout = self._submit_rollout(step + 1)  # generates while we train and update
+            slept = self._sleep_engines() if cfg.sleep_while_training else {}
             train = self._train(samples) if samples else {}
+            woke = self._wake_engines() if cfg.sleep_while_training else {}
             upd = self._push()
-            row = {"step": step, "weight_version": self.version, **roll, **train, **upd,
+            row = {"step": step, "weight_version": self.version, **roll, **train, **slept, **woke, **upd,
                    "time_s": time.perf_counter() - t_start}
             self.history.append(row)
             report(weight_version=self.version, reward=row["reward_mean"], lag_max=row["lag_max"],
@@ -330,6 +333,18 @@ class Coordinator:
         plot_rewards(self.history, self.out / "reward.png", cfg.name)
         trackers.close(plot=self.out / "reward.png")
         return summary
+
+    def _sleep_engines(self) -> dict:
+        """Time-shared GPU: engines release their memory (sleep level 2: KV cache and
+        weights; the update after training rewrites every weight) while the learner
+        trains. Synchronous mode only, so no request is in flight."""
+        slept = ray.get([e.sleep.remote(2) for e in self.engines])
+        return {"sleep_ms": max(s["sleep_ms"] for s in slept),
+                "released_gib": sum(s["released_bytes"] for s in slept) / 2**30}
+
+    def _wake_engines(self) -> dict:
+        woke = ray.get([e.wake_up.remote() for e in self.engines])
+        return {"wake_ms": max(w["wake_ms"] for w in woke)}
 
     def _train(self, samples) -> dict:
         try:
@@ -371,7 +386,7 @@ class Coordinator:
         k = min(10, len(r))
         return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
                 "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1),
-                "weight_version": self.version, "dropped_stale": self.dropped_stale,
+                "weight_version": self.version, "weights_backend": self.wire, "dropped_stale": self.dropped_stale,
                 "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
                 "failures": self.failures, "learner_restores": self.learner_restores,
                 "restored_learner_steps": self.restored_learner_steps,
