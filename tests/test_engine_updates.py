@@ -78,6 +78,22 @@ def test_versions_rise_and_stale_updates_are_refused(updater):
     assert ray.get(updater.engines[1].version.remote()) == current + 1
 
 
+def test_shared_wire_refuses_a_version_the_sender_has_not_written(updater, greedy, probe_prompts):
+    """On shm the engine copies out of the sender's region: an update whose version the
+    sender has not stamped there is refused inside the pause, before any copy."""
+    if not updater.sender.shared:
+        pytest.skip("a broadcast wire has no region: the engine waits for the sender's bytes")
+    engine = updater.engines[0]
+    before = _greedy(engine, probe_prompts, greedy)
+    version = ray.get(engine.version.remote())
+    request = updater.request()
+    ray.get(engine.prepare_update.remote(request))
+    with pytest.raises(Exception, match=f"holds v{updater.version}, not the requested v{request.version}"):
+        ray.get(engine.update_weights.remote(request))
+    assert ray.get(engine.version.remote()) == version
+    assert _greedy(engine, probe_prompts, greedy) == before
+
+
 def _bad_plans(plan):
     params = list(plan.params)
     unknown = params + [ParameterInfo("model.layers.0.mlp.extra.weight", (4, 4), "float32")]
