@@ -81,33 +81,38 @@ def _curve(rows: list[dict]) -> list[tuple]:
     return [(r["step"], r["reward_mean"], r.get("loss")) for r in rows]
 
 
-def test_same_seed_synchronous_runs_write_identical_curves(tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def synchronous_run(tmp_path_factory, ray_cluster) -> Path:
+    """A short synchronous run, seed 7, checkpointed halfway."""
+    out = tmp_path_factory.mktemp("sync") / "first"
+    run(_cfg(out, "name=sync-first", *SYNCHRONOUS))
+    return out
+
+
+SYNCHRONOUS = ("seed=7", "trainer.pipelined=false", "trainer.steps=8", "trainer.sft_steps=5",
+               "trainer.checkpoint_every=4")
+
+
+def test_same_seed_synchronous_runs_write_identical_curves(synchronous_run, tmp_path):
     """What the README promises for `trainer.pipelined=false seed=7`, on a short run."""
-    runs = []
-    for name in ("same-seed-a", "same-seed-b"):
-        run(_cfg(tmp_path / name, f"name={name}", "seed=7", "trainer.pipelined=false", "trainer.steps=8",
-                 "trainer.sft_steps=5"))
-        runs.append(_curve(_rows(tmp_path / name)))
-    assert runs[0] == runs[1]
-    assert len({reward for _, reward, _ in runs[0]}) > 1, "a curve, not a constant"
+    run(_cfg(tmp_path, "name=sync-again", *SYNCHRONOUS))
+    first, again = _curve(_rows(synchronous_run)), _curve(_rows(tmp_path))
+    assert again == first
+    assert len({reward for _, reward, _ in first}) > 1, "a curve, not a constant"
 
 
-def test_resume_reproduces_the_run_it_continues(tmp_path, ray_cluster):
-    """A synchronous run resumed from its step-15 checkpoint (weights, optimizer,
-    problem stream, sampling seeds) writes the same curve as the run that went on."""
-    first = tmp_path / "first"
-    run(_cfg(first, "trainer.pipelined=false", "trainer.steps=30", "trainer.checkpoint_every=15",
-             "name=resume-a"))
-    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["step_000015", "step_000030"]
-    second = tmp_path / "second"
-    summary = run(_cfg(second, "trainer.pipelined=false", "trainer.steps=30",
-                       f"resume={first / 'checkpoints' / 'step_000015'}", "name=resume-b"))
-    before, rows = _rows(first), _rows(second)
-    assert rows[:15] == before[:15], "the resumed run carries the old curve"
+def test_resume_reproduces_the_run_it_continues(synchronous_run, tmp_path):
+    """Resumed from its step-4 checkpoint (weights, optimizer, problem stream, sampling
+    seeds), a synchronous run writes the same curve as the run that went on."""
+    assert sorted(p.name for p in (synchronous_run / "checkpoints").iterdir()) == ["step_000004", "step_000008"]
+    summary = run(_cfg(tmp_path, "name=sync-resumed", *SYNCHRONOUS,
+                       f"resume={synchronous_run / 'checkpoints' / 'step_000004'}"))
+    before, rows = _rows(synchronous_run), _rows(tmp_path)
+    assert rows[:4] == before[:4], "the resumed run carries the old curve"
     assert _curve(rows) == _curve(before)
     versions = [r["weight_version"] for r in rows]
     assert versions == sorted(set(versions))
-    assert summary["steps"] == 30
+    assert summary["steps"] == 8
 
 
 def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
