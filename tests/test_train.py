@@ -81,16 +81,16 @@ def _curve(rows: list[dict]) -> list[tuple]:
     return [(r["step"], r["reward_mean"], r.get("loss")) for r in rows]
 
 
+SYNCHRONOUS = ("seed=7", "trainer.pipelined=false", "trainer.steps=8", "trainer.sft_steps=5",
+               "trainer.checkpoint_every=4")
+
+
 @pytest.fixture(scope="module")
 def synchronous_run(tmp_path_factory, ray_cluster) -> Path:
     """A short synchronous run, seed 7, checkpointed halfway."""
     out = tmp_path_factory.mktemp("sync") / "first"
     run(_cfg(out, "name=sync-first", *SYNCHRONOUS))
     return out
-
-
-SYNCHRONOUS = ("seed=7", "trainer.pipelined=false", "trainer.steps=8", "trainer.sft_steps=5",
-               "trainer.checkpoint_every=4")
 
 
 def test_same_seed_synchronous_runs_write_identical_curves(synchronous_run, tmp_path):
