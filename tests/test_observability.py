@@ -62,11 +62,17 @@ def observed(ray_cluster, tmp_path_factory):
                     seen[key] = max(value, seen.get(key, -math.inf))
         except OSError:
             pass
-        if handle.done() and _expected() <= set(seen):
+        if handle.done() and _expected() <= set(seen) and _final_version_seen(handle, seen):
             break
         time.sleep(1)
     summary = handle.wait(timeout=120, progress=False)
     return {"out": out, "handle": handle, "summary": summary, "seen": seen}
+
+
+def _final_version_seen(handle, seen) -> bool:
+    """Gauges arrive a few seconds after they are set: the last step's too?"""
+    final = ray.get(handle.coordinator.progress.remote())["last"]["weight_version"]
+    return seen.get(("rlloop_weight_version", "coordinator")) == final
 
 
 def test_every_gauge_is_labelled_with_the_run_and_its_role(observed):
