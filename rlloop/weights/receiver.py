@@ -113,9 +113,8 @@ class WeightReceiver:
         state = self._rl_plans.get(key)
         if state is None:
             if self._rl_group is None:  # shared wire: the sender keeps one plan's region
-                for old in self._rl_plans.values():
-                    old.close()
-                self._rl_plans = {}
+                for stale in [k for k in self._rl_plans if not k.startswith(f"{request.plan.key}/")]:
+                    self._rl_plans.pop(stale).close()
             state = self._rl_build_plan_state(request, mode)
             self._rl_plans[key] = state
         return state
