@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
 export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=15 tests "$@"  # the 15 slowest tests, to keep CI time in view
