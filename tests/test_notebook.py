@@ -19,4 +19,4 @@ def test_quickstart_notebook_executes(tmp_path):
     assert any(t.startswith("reward ") for t in texts), texts
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the plot cell must render a figure"
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 40
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 20

@@ -129,8 +129,9 @@ def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
 def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_cluster):
     """ray.kill an engine mid-run; the run finishes every step with full batches, and
     the restarted engine ends on the current weight version."""
-    summary, rows = _kill_mid_run(tmp_path, "faulty/engine/0", 5, "seed=0", "trainer.steps=30", "name=faulty")
-    assert summary["steps"] == 30 and summary["failures"] >= 1
+    summary, rows = _kill_mid_run(tmp_path, "faulty/engine/0", 5, "seed=0", "trainer.steps=15",
+                                  "trainer.sft_steps=10", "name=faulty")
+    assert summary["steps"] == 15 and summary["failures"] >= 1
     assert (rows["generated"] == 32 * 8).all(), "every step keeps its full batch"
     assert rows["weight_version"].is_monotonic_increasing
     assert ray.get(ray.get_actor("faulty/engine/0").version.remote()) == summary["weight_version"]

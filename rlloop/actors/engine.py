@@ -178,8 +178,11 @@ class GenerationEngine:
         async for out, start in self._run(prompt, sampling):
             ids = out.outputs[0].token_ids
             if len(ids) > seen:
-                yield list(ids[seen:]), self.stats_.version
-                seen = len(ids)
+                # Count what is yielded, not len(ids) after the yield: vLLM may append to
+                # the same list while this generator is suspended.
+                new = list(ids[seen:])
+                seen += len(new)
+                yield new, self.stats_.version
             last = (out, start)
         self.stats_.requests_done += 1
         self.stats_.tokens_generated += seen
