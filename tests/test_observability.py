@@ -1,4 +1,4 @@
-"""Watching a run where people look (issue 19), on one short run with every tracker
+"""Watching a run where people already look, on one short run with every tracker
 on: Prometheus gauges labelled with the run and the reporting role, the same curves in
 metrics.jsonl, TensorBoard, the offline W&B run, MLflow's file store and the notebook
 handle, and the coordinator's per-step line in its actor log."""
