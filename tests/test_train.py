@@ -118,12 +118,20 @@ def test_resume_reproduces_the_run_it_continues(synchronous_run, tmp_path):
 def _kill_mid_run(tmp_path, actor: str, at_step: int, *overrides):
     """Launch a run, ray.kill `actor` (Ray restarts it) once `at_step` steps are done,
     wait for the run to end; its summary and per-step metrics."""
+    before = _shared_segments()
     handle = launch_config(_cfg(tmp_path, "weights.timeout_s=30", *overrides))
     deadline = time.time() + 300
     while handle.status()["step"] < at_step and time.time() < deadline:
         time.sleep(0.5)
     ray.kill(ray.get_actor(actor), no_restart=False)
-    return handle.wait(timeout=900, progress=False), handle.metrics()
+    summary = handle.wait(timeout=900, progress=False)
+    # Neither the killed incarnation's weight region nor the final one outlives the run.
+    assert _shared_segments() <= before, sorted(_shared_segments() - before)
+    return summary, handle.metrics()
+
+
+def _shared_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("rlloop-*")}
 
 
 def test_killed_engine_is_restarted_rejoins_and_no_sample_is_lost(tmp_path, ray_cluster):

@@ -395,6 +395,14 @@ class Coordinator:
                 "output_dir": str(self.out)}
 
     def shutdown(self) -> None:
+        # Leaving the weight group releases its shared segments (shm, ipc wires).
+        members = [*self.learner.submit("leave_weight_group")] if hasattr(self, "learner") else []
+        members += [e.leave_weight_group.remote() for e in getattr(self, "engines", [])]
+        for ref in members:
+            try:
+                ray.get(ref, timeout=30)
+            except Exception:  # already dead: it holds nothing
+                pass
         for e in getattr(self, "engines", []):
             try:
                 ray.get(e.shutdown.remote(), timeout=30)

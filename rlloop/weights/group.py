@@ -7,8 +7,9 @@ tensor-parallel group and with the learner's megatron groups in the same process
 from __future__ import annotations
 
 import inspect
+import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -21,6 +22,9 @@ class WeightGroupConfig:
     world_size: int  # 1 sender + the total TP size of all engines
     backend: str  # "gloo" on CPU, "nccl" on GPU
     timeout_s: float = 120.0
+    # Names this group's shared segments (shm, ipc wires). Unique per group formed, never
+    # the port: a port comes back in a later run, and so would a segment's name.
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 def wire_device(cfg: WeightGroupConfig, device: torch.device) -> torch.device:

@@ -123,7 +123,7 @@ class WeightReceiver:
         """Where buckets land: two alternating buffers (direct), one per bucket
         (checkpoint), or, on a shared wire, views of the sender's region."""
         if self._rl_group is None:
-            region = OpenedRegion(self._rl_cfg.port, plan.key, self.device)
+            region = OpenedRegion(self._rl_cfg.token, plan.key, self.device)
             if region.tensors is not None:
                 return None, region
             return [region.buffer[s:s + b.nbytes] for s, b in zip(plan.bucket_starts(), plan.buckets)], region

@@ -49,7 +49,7 @@ class WeightSender:
         if self._region is None or self._region[0] != plan.key:
             if self._region is not None:
                 self._region[1].close()
-            self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.port, plan,
+            self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.token, plan,
                                                    self.device, tensors if self.in_place else None))
         return self._region[1]
 

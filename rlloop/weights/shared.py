@@ -35,7 +35,7 @@ SHARED_WIRES = ("shm", "ipc")
 _HEADER = struct.Struct("<qq")  # version stamp, descriptor length
 
 
-def mailbox_name(token: int, plan_key: str) -> str:
+def mailbox_name(token: str, plan_key: str) -> str:
     return f"rlloop-{token}-{plan_key}"
 
 
@@ -58,7 +58,7 @@ class SharedRegion:
     """The sender's side, for one plan: a packed buffer of `plan.bucket_bytes`, or
     (ipc, `tensors` given) the tensors themselves, and the mailbox."""
 
-    def __init__(self, wire: str, token: int, plan: UpdatePlan, device: torch.device,
+    def __init__(self, wire: str, token: str, plan: UpdatePlan, device: torch.device,
                  tensors: Mapping[str, torch.Tensor] | None = None):
         self.wire = wire
         self._data_segment = None
@@ -74,7 +74,8 @@ class SharedRegion:
             opener = {"kind": "tensors", "ipc_args": [reduce_tensor(t)[1] for t in shared],
                       "uuid": device_uuid(device)}
         elif wire == "shm":
-            self._data_segment = shared_memory.SharedMemory(create=True, size=max(plan.bucket_bytes, 1))
+            self._data_segment = shared_memory.SharedMemory(name=f"{mailbox_name(token, plan.key)}-data",
+                                                            create=True, size=max(plan.bucket_bytes, 1))
             self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=plan.bucket_bytes)
             opener = {"kind": "buckets", "segment": self._data_segment.name}
         else:
@@ -103,14 +104,17 @@ class SharedRegion:
         for seg in (self._data_segment, self.mailbox):
             if seg is not None:
                 seg.close()
-                seg.unlink()
+                try:
+                    seg.unlink()
+                except FileNotFoundError:  # a worker removed the name first (see OpenedRegion.close)
+                    resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
         self._data_segment = self.mailbox = None
 
 
 class OpenedRegion:
     """A worker's side: the sender's region for one plan, mapped once."""
 
-    def __init__(self, token: int, plan_key: str, device: torch.device):
+    def __init__(self, token: str, plan_key: str, device: torch.device):
         name = mailbox_name(token, plan_key)
         try:
             self.mailbox = _open_segment(name)
@@ -141,11 +145,23 @@ class OpenedRegion:
                                     f"v{version}; nothing was copied")
 
     def close(self) -> None:
+        """Unmap, and remove the region's names: a worker closes a region only when its
+        group is dissolved or the sender moved to another plan, so the names are dead
+        either way, and a sender that died without closing leaves nothing behind."""
         self.buffer = self.tensors = None
         for seg in (self._data_segment, self.mailbox):
             if seg is not None:
                 seg.close()
+                _unlink(seg)
         self._data_segment = self.mailbox = None
+
+
+def _unlink(seg: shared_memory.SharedMemory) -> None:
+    """Remove a segment's name; whoever is first removes it, the others find it gone."""
+    try:
+        shared_memory._posixshmem.shm_unlink(seg._name)  # noqa: SLF001 (unlink without re-registering)
+    except FileNotFoundError:
+        pass
 
 
 def _open_ipc(ipc_args, uuid: str, device: torch.device) -> torch.Tensor:
