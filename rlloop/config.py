@@ -35,7 +35,12 @@ def build_run_config(cfg: DictConfig):
     engines = need("engines.count", pos_int, "must be a positive integer")
     group = need("rollout.group_size", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2")
     need("rollout.batch_prompts", pos_int, "must be a positive integer")
-    need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+    lag = need("rollout.max_lag", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+    ahead = need("trainer.rollouts_ahead", pos_int, "must be a positive integer")
+    if cfg.trainer.pipelined and ahead > lag:
+        raise ConfigError(f"config key 'trainer.rollouts_ahead': {ahead} rollouts ahead are sampled up to "
+                          f"{ahead} versions behind, and rollout.max_lag={lag} would drop them; "
+                          f"set rollout.max_lag >= {ahead}")
     need("rollout.zero_advantage", lambda v: v in ("drop", "keep", "refill"), "must be drop, keep or refill")
     need("rollout.refill_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
     backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
@@ -96,7 +101,8 @@ def build_run_config(cfg: DictConfig):
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
-        refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined, bucket_mb=cfg.weights.bucket_mb,
+        refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined,
+        rollouts_ahead=cfg.trainer.rollouts_ahead, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
         engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts, loggers=loggers)

@@ -75,7 +75,7 @@ class JsonlWriter:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
-    def close(self, plot: Path | None) -> None:
+    def close(self, plot: Path | None, failed: bool) -> None:
         self.file.close()
 
 
@@ -96,7 +96,7 @@ class TensorBoardWriter:
             self.writer.add_scalar(key, value, row["step"])
         self.writer.flush()
 
-    def close(self, plot: Path | None) -> None:
+    def close(self, plot: Path | None, failed: bool) -> None:
         if plot is not None:
             import matplotlib.image
 
@@ -117,10 +117,10 @@ class WandbWriter:
     def log(self, row: dict) -> None:
         self.run.log(_scalars(row), step=row["step"])
 
-    def close(self, plot: Path | None) -> None:
+    def close(self, plot: Path | None, failed: bool) -> None:
         if plot is not None:
             self.run.log({"reward_plot": self.wandb.Image(str(plot))})
-        self.run.finish()
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowWriter:
@@ -149,17 +149,18 @@ class MlflowWriter:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, row["step"])
                                                     for k, v in _scalars(row).items()])
 
-    def close(self, plot: Path | None) -> None:
+    def close(self, plot: Path | None, failed: bool) -> None:
         if plot is not None:
             self.client.log_artifact(self.run_id, str(plot))
-        self.client.set_terminated(self.run_id)
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 _WRITERS = {"jsonl": JsonlWriter, "tensorboard": TensorBoardWriter, "wandb": WandbWriter, "mlflow": MlflowWriter}
 
 
 class RunTrackers:
-    """All of a run's trackers as one: log(row) once per step, close(plot) at the end."""
+    """All of a run's trackers as one: log(row) once per step, close(plot) at the end,
+    or close(failed=True) when the run dies (W&B and MLflow then show it as failed)."""
 
     def __init__(self, names, out_dir: str, name: str, hparams: dict):
         out = Path(out_dir)
@@ -169,9 +170,9 @@ class RunTrackers:
         for writer in self.writers:
             writer.log(row)
 
-    def close(self, plot: Path | None = None) -> None:
+    def close(self, plot: Path | None = None, failed: bool = False) -> None:
         for writer in self.writers:
-            writer.close(plot)
+            writer.close(plot, failed)
 
 
 def progress_line(name: str, row: dict, steps: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import textwrap
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
         ax.fill_between(x, smooth.min(0), smooth.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("reward (5-step average)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -14,7 +14,9 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("model.path=/nonexistent", "model.path"),
                           ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
                           ("learner.backend=deepspeed", "learner.backend"),
-                          ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size")]:
+                          ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size"),
+                          ("trainer.rollouts_ahead=0", "trainer.rollouts_ahead"),
+                          ("trainer.rollouts_ahead=2", "trainer.rollouts_ahead")]:  # max_lag 1 would drop them
         cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
         try:
             build_run_config(cfg)

@@ -37,3 +37,22 @@ def test_loggers_must_be_a_list_of_known_trackers(tmp_path):
     for value in ("[jsonl,csv]", "tensorboard"):
         with pytest.raises(ConfigError, match="config key 'trainer.loggers': must be a list of jsonl, tensorboard"):
             build_run_config(compose_config(["+conf=grpo", f"output_dir={tmp_path}", f"trainer.loggers={value}"]))
+
+
+@pytest.mark.parametrize("failed,status", [(False, "FINISHED"), (True, "FAILED")])
+def test_a_run_that_dies_is_closed_as_failed(tmp_path, monkeypatch, failed, status):
+    """The coordinator closes its trackers with failed=True when a step raises: MLflow
+    (and W&B) then show the run as failed instead of running forever."""
+    from mlflow.tracking import MlflowClient
+
+    from rlloop.trackers import RunTrackers, tracker_paths
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trackers = RunTrackers(["mlflow"], str(tmp_path), "dies", {"seed": 0})
+    trackers.log({"step": 0, "reward_mean": 0.5})
+    trackers.close(failed=failed)
+    client = MlflowClient(tracker_paths(str(tmp_path), ["mlflow"])["mlflow"])
+    [run] = client.search_runs([client.get_experiment_by_name("rlloop").experiment_id])
+    assert run.info.status == status
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "reward_mean")] == [0.5]
+    assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 0, "reward_mean": 0.5}'

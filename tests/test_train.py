@@ -72,6 +72,16 @@ def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
     assert (tmp_path / "reward.png").stat().st_size > 1000
 
 
+def test_rollouts_ahead_are_sampled_that_many_versions_behind(tmp_path, ray_cluster):
+    """trainer.rollouts_ahead=2: two rollouts generate while a step trains and updates,
+    so samples lag the learner by up to two versions, and max_lag=2 keeps them all."""
+    run(_cfg(tmp_path, "seed=0", "trainer.steps=5", "trainer.sft_steps=2", "trainer.rollouts_ahead=2",
+             "rollout.max_lag=2", "name=ahead"))
+    rows = _rows(tmp_path)
+    assert len(rows) == 5 and max(r["lag_max"] for r in rows) == 2, rows
+    assert rows[-1]["dropped_stale"] == 0
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class RunConfig:
     zero_advantage: str = "drop"  # drop | keep | refill (docs/objectives.md)
     refill_rounds: int = 4  # zero_advantage=refill: extra rollouts per step at most
     pipelined: bool = True
+    rollouts_ahead: int = 1  # pipelined: rollouts generating ahead of the step that trains
     sleep_while_training: bool = False  # engines sleep (GPU memory released) while the learner trains
     bucket_mb: float = 64
     backend: str = "auto"
@@ -304,14 +306,30 @@ class Coordinator:
         trackers = RunTrackers(cfg.loggers, cfg.output_dir, cfg.name, hyperparameters(cfg))
         for row in self.history:  # a resumed run's curve continues the old one
             trackers.log(row)
-        rollout = self._submit_rollout(first_step)
+        try:
+            self._steps(first_step, trackers, t_start)
+        except BaseException:
+            trackers.close(failed=True)  # W&B and MLflow show the run as failed, not running
+            raise
+        summary = self._summary(time.perf_counter() - t_start)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_rewards(self.history, self.out / "reward.png", cfg.name)
+        trackers.close(plot=self.out / "reward.png")
+        return summary
+
+    def _steps(self, first_step: int, trackers: RunTrackers, t_start: float) -> None:
+        cfg = self.cfg
+        ahead = cfg.rollouts_ahead if cfg.pipelined else 0
+        pending = deque([self._submit_rollout(first_step)])
         for step in range(first_step, cfg.steps):
             last = step + 1 == cfg.steps or self.stop_requested
-            if not cfg.pipelined and step > first_step:
-                rollout = self._submit_rollout(step)
-            samples, roll = self._collect(rollout, step)
-            if cfg.pipelined and not last:
-                rollout = self._submit_rollout(step + 1)  # generates while we train and update
+            if not pending:  # synchronous: generate, then train
+                pending.append(self._submit_rollout(step))
+            samples, roll = self._collect(pending.popleft(), step)
+            # The next `ahead` steps' rollouts generate while this one trains and updates;
+            # a rollout submitted k steps ahead is sampled k versions behind the learner.
+            while not last and len(pending) < ahead and step + 1 + len(pending) < cfg.steps:
+                pending.append(self._submit_rollout(step + 1 + len(pending)))
             slept = self._sleep_engines() if cfg.sleep_while_training else {}
             train = self._train(samples) if samples else {}
             woke = self._wake_engines() if cfg.sleep_while_training else {}
@@ -328,11 +346,6 @@ class Coordinator:
                 self._checkpoint(step)
             if last:
                 break
-        summary = self._summary(time.perf_counter() - t_start)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_rewards(self.history, self.out / "reward.png", cfg.name)
-        trackers.close(plot=self.out / "reward.png")
-        return summary
 
     def _sleep_engines(self) -> dict:
         """Time-shared GPU: engines release their memory (sleep level 2: KV cache and
