@@ -21,7 +21,7 @@ def build_run_config(cfg: DictConfig):
     from rlloop.actors.engine import EngineConfig
     from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
-    from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
+    from rlloop.tasks.arithmetic import DatasetError, arithmetic_problems, jsonl_problems
     from rlloop.trackers import TRACKERS, missing_package
 
     def need(key, ok, what):
@@ -60,6 +60,16 @@ def build_run_config(cfg: DictConfig):
                          f"must be a list of {', '.join(TRACKERS)}"))
     if missing := missing_package(loggers):
         raise ConfigError(f"config key 'trainer.loggers': {missing}")
+    # The data first: a bad file stops the run before anything is written.
+    if task == "arithmetic":
+        problems = arithmetic_problems(cfg.rollout.num_problems, cfg.seed, cfg.rollout.max_operand,
+                                       cfg.rollout.ops)
+    else:
+        path = need("rollout.jsonl_path", lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
+        try:
+            problems = jsonl_problems(path)
+        except DatasetError as e:
+            raise ConfigError(f"config key 'rollout.jsonl_path': {e}") from None
     out = Path(cfg.output_dir)
     model = cfg.model.path
     resume = None
@@ -75,12 +85,6 @@ def build_run_config(cfg: DictConfig):
         model = str(build_tiny_model(out / "initial_model", seed=cfg.seed))
     elif not (Path(model) / "config.json").is_file():
         raise ConfigError(f"config key 'model.path': no config.json in {model!r} (pass a local HF directory)")
-    if task == "arithmetic":
-        problems = arithmetic_problems(cfg.rollout.num_problems, cfg.seed, cfg.rollout.max_operand,
-                                       cfg.rollout.ops)
-    else:
-        path = need("rollout.jsonl_path", lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
-        problems = jsonl_problems(path)
     e = cfg.engines
     sleep = bool(e.sleep_while_training)
     if sleep and (cfg.trainer.pipelined or not torch.cuda.is_available()):

@@ -6,7 +6,9 @@ one-line summary. Metrics go to <output_dir>/metrics.jsonl, the curve to reward.
 """
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,8 +36,19 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as e:
+        _remove_if_unused(Path(cfg.output_dir))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Hydra creates the run directory (and an empty train.log) before the config is
+    checked: a run that never started removes it, unless something else is in it (a
+    rerun under an old run's name keeps the old run's files)."""
+    log = out / "train.log"
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {"train.log"} and (
+            not log.exists() or log.stat().st_size == 0):
+        shutil.rmtree(out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlloop.config import ConfigError, build_run_config, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,3 +33,33 @@ def test_cli_reports_a_bad_key_in_one_line(tmp_path):
                           f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: config key 'trainer.steps': must be a positive integer, got -3"
+
+
+BAD_DATA = [('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?" "answer": "4"}\n',
+             ":2: not valid JSON (Expecting ',' delimiter at column 21)"),
+            ('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?"}\n', ":3: missing 'answer'"),
+            ('["1+1?", "2"]\n', ":1: expected a JSON object with 'question' and 'answer', got list"),
+            ("\n\n", ": no problems (the file has no JSON lines)")]
+
+
+@pytest.mark.parametrize("text,problem", BAD_DATA)
+def test_bad_data_names_the_file_and_line_and_writes_nothing(tmp_path, text, problem):
+    data = tmp_path / "data.jsonl"
+    data.write_text(text)
+    out = tmp_path / "run"
+    cfg = compose_config(["+conf=grpo", f"output_dir={out}", "rollout.task=jsonl", f"rollout.jsonl_path={data}"])
+    with pytest.raises(ConfigError) as e:
+        build_run_config(cfg)
+    assert str(e.value) == f"config key 'rollout.jsonl_path': {data}{problem}"
+    assert not out.exists(), "nothing is written before the data is read"
+
+
+def test_cli_run_that_never_starts_leaves_no_run_directory(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(BAD_DATA[0][0])
+    out = subprocess.run([sys.executable, "-m", "rlloop.train", "+conf=grpo", "rollout.task=jsonl",
+                          f"rollout.jsonl_path={data}", f"output_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"error: config key 'rollout.jsonl_path': {data}{BAD_DATA[0][1]}"
+    assert not (tmp_path / "run").exists()

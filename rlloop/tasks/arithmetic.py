@@ -28,21 +28,32 @@ def arithmetic_problems(n: int, seed: int, max_operand: int = 9, ops: str = "+")
     return out
 
 
+class DatasetError(ValueError):
+    """A data file that cannot be read as problems; the message names the file and line."""
+
+
 def jsonl_problems(path: str | Path, prompt_template: str = "{question}\nAnswer: ") -> list[Problem]:
     """GSM8K-style lines: {"question": ..., "answer": "... #### 42"} (or a bare number)."""
     problems = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
+    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{i + 1}: needs 'question' and 'answer' keys")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{i}: expected a JSON object with 'question' and 'answer', "
+                               f"got {type(row).__name__}")
+        missing = [k for k in ("question", "answer") if k not in row]
+        if missing:
+            raise DatasetError(f"{path}:{i}: missing {' and '.join(repr(k) for k in missing)}")
         answer = str(row["answer"])
         m = _GSM_ANSWER.search(answer)
         final = (m.group(1) if m else answer).replace(",", "").strip()
         problems.append(Problem(prompt_template.format(question=row["question"]), final))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise DatasetError(f"{path}: no problems (the file has no JSON lines)")
     return problems
 
 
