@@ -6,9 +6,14 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+
+from rlloop.trackers import progress_line
+
+log = logging.getLogger("rlloop")
 
 
 class RunHandle:
@@ -69,11 +74,15 @@ class RunHandle:
         if self._summary is None:
             from tqdm.auto import tqdm
 
+            from rlloop.actors.coordinator import summary_line
+
             with tqdm(total=self.config.steps, desc=self.config.name, unit="step",
                       disable=not progress) as bar:
                 while True:
                     ready, _ = ray.wait([self._ref], timeout=1.0 if timeout is None else min(1.0, timeout))
-                    p = ray.get(self.coordinator.progress.remote())
+                    p = ray.get(self.coordinator.progress.remote(bar.n))
+                    for row in p["rows"]:  # to train.log under the CLI (Hydra's file handler)
+                        log.info(progress_line(self.config.name, row, self.config.steps))
                     bar.update(p["step"] - bar.n)
                     if p["last"]:
                         bar.set_postfix(reward=f"{p['last']['reward_mean']:.2f}", v=p["last"]["weight_version"])
@@ -84,6 +93,7 @@ class RunHandle:
                         if timeout <= 0:
                             raise TimeoutError(f"run {self.config.name} still going")
             self._summary = ray.get(self._ref)
+            log.info(summary_line(self._summary))
             ray.get(self.coordinator.shutdown.remote())
         return self._summary
 

@@ -173,6 +173,10 @@ def test_cli_run_leaves_no_processes_behind(tmp_path):
                          env={**os.environ, "RLLOOP_PROCESS_TAG": token})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "orphans: 3 steps in" in out.stdout
+    assert "(first 1) -> " in out.stdout, "3 steps: the first and last step compared, never overlapping"
+    log = (tmp_path / "train.log").read_text().splitlines()  # the run's log: each step, then the summary
+    assert [line.split("] - ", 1)[1].split(":")[0] for line in log] == [
+        "[rlloop] orphans step 1/3", "[rlloop] orphans step 2/3", "[rlloop] orphans step 3/3", "orphans"], log
     deadline = time.time() + 60
     while (left := _tagged_processes(token)) and time.time() < deadline:
         time.sleep(1)

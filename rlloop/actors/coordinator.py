@@ -94,9 +94,12 @@ class Coordinator:
         self.last_checkpoint: Path | None = None
         self.stop_requested = False
 
-    def progress(self) -> dict:
-        return {"step": len(self.history), "steps": self.cfg.steps,
-                "last": self.history[-1] if self.history else None}
+    def progress(self, since: int | None = None) -> dict:
+        """Steps done and the last row; with `since`, also the rows from that step on."""
+        p = {"step": len(self.history), "steps": self.cfg.steps, "last": self.history[-1] if self.history else None}
+        if since is not None:
+            p["rows"] = self.history[since:]
+        return p
 
     def metrics(self) -> list[dict]:
         return list(self.history)
@@ -396,9 +399,9 @@ class Coordinator:
 
     def _summary(self, wall_s: float) -> dict:
         r = [h["reward_mean"] for h in self.history]
-        k = min(10, len(r))
+        k = max(1, min(10, len(r) // 2))  # first and last k steps never overlap
         return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
-                "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1),
+                "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1), "reward_k": k,
                 "weight_version": self.version, "weights_backend": self.wire, "dropped_stale": self.dropped_stale,
                 "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
                 "failures": self.failures, "learner_restores": self.learner_restores,
@@ -461,7 +464,8 @@ def plot_rewards(history: list[dict], path: Path, title: str) -> None:
 
 def summary_line(summary: dict) -> str:
     return (f"{summary['name']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, reward "
-            f"{summary['reward_first']:.2f} (first 10) -> {summary['reward_last']:.2f} (last 10), "
+            f"{summary['reward_first']:.2f} (first {summary['reward_k']}) -> {summary['reward_last']:.2f} "
+            f"(last {summary['reward_k']}), "
             f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median'] or 0:.0f} ms, "
             f"{summary['tok_s_mean']:.0f} tok/s; {summary['output_dir']}")
 
