@@ -35,7 +35,7 @@ class RunHandle:
     def status(self) -> dict:
         p = ray.get(self.coordinator.progress.remote())
         state = "finished" if self.done() else "running"
-        return {"state": state, "step": p["step"], "steps": p["steps"],
+        return {"state": state, "phase": p["phase"], "step": p["step"], "steps": p["steps"],
                 "reward_mean": p["last"]["reward_mean"] if p["last"] else None,
                 "weight_version": p["last"]["weight_version"] if p["last"] else 0}
 
@@ -86,6 +86,8 @@ class RunHandle:
                     bar.update(p["step"] - bar.n)
                     if p["last"]:
                         bar.set_postfix(reward=f"{p['last']['reward_mean']:.2f}", v=p["last"]["weight_version"])
+                    else:  # engine start and warm-up take a while: say which
+                        bar.set_postfix_str(p["phase"])
                     if ready:
                         break
                     if timeout is not None:

@@ -131,6 +131,7 @@ def _kill_mid_run(tmp_path, kills: dict[str, int], *overrides):
     (the run's actors live as long as the handle)."""
     before = _shared_segments()
     handle = launch_config(_cfg(tmp_path, "weights.timeout_s=30", *overrides))
+    assert handle.status()["phase"] == "starting engines and learner"  # the bar says so until step 1
     deadline = time.time() + 300
     for actor, at_step in sorted(kills.items(), key=lambda kill: kill[1]):
         while handle.status()["step"] < at_step and time.time() < deadline:

@@ -93,10 +93,12 @@ class Coordinator:
         self.requests_reissued = 0
         self.last_checkpoint: Path | None = None
         self.stop_requested = False
+        self.phase = "starting engines and learner"  # what the run is doing before its first step
 
     def progress(self, since: int | None = None) -> dict:
         """Steps done and the last row; with `since`, also the rows from that step on."""
-        p = {"step": len(self.history), "steps": self.cfg.steps, "last": self.history[-1] if self.history else None}
+        p = {"step": len(self.history), "steps": self.cfg.steps, "phase": self.phase,
+             "last": self.history[-1] if self.history else None}
         if since is not None:
             p["rows"] = self.history[since:]
         return p
@@ -191,6 +193,7 @@ class Coordinator:
         cfg = self.cfg
         eos = self.tokenizer.eos_token_id
         for i in range(cfg.sft_steps):
+            self.phase = f"SFT warm-up {i + 1}/{cfg.sft_steps}"
             batch = [self.rng.choice(cfg.problems) for _ in range(cfg.sft_batch)]
             self.learner.call("sft_step", [self._encode(p.prompt) for p in batch],
                               [self._encode(p.answer) + [eos] for p in batch])
@@ -305,7 +308,9 @@ class Coordinator:
         first_step = self._restore() if cfg.resume else 0
         if not cfg.resume:
             self._sft()
+        self.phase = "sending the first weights"
         self._push()  # engines now serve the learner's weights
+        self.phase = "training"
         trackers = RunTrackers(cfg.loggers, cfg.output_dir, cfg.name, hyperparameters(cfg))
         for row in self.history:  # a resumed run's curve continues the old one
             trackers.log(row)
