@@ -10,7 +10,7 @@ from rlloop.actors.weight_sync import auto_backend
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, make_plan
 from rlloop.weights.sender import WeightSender
-from rlloop.weights.shared import OpenedRegion, SharedRegion, mailbox_name
+from rlloop.weights.shared import OpenedRegion, SharedRegion, mailbox_name, remove_region
 
 
 def test_auto_backend_follows_placement():
@@ -80,6 +80,21 @@ def test_a_dead_senders_region_is_removed_by_the_workers_that_mapped_it():
     assert len(_names("t-dead", plan.key)) == 2, "the dead sender left its names behind"
     OpenedRegion("t-dead", plan.key, torch.device("cpu")).close()  # the group is re-formed
     assert not _names("t-dead", plan.key)
+
+
+def test_a_dead_senders_region_is_removed_by_its_successor():
+    """When the sender and every worker that mapped its region died, the re-formed
+    group's sender removes the old group's names from the token and plan key alone."""
+    import multiprocessing
+
+    plan = make_plan([ParameterInfo("w", (16,), "float32")])
+    sender = multiprocessing.get_context("spawn").Process(target=_share_and_die, args=("t-orphan", plan))
+    sender.start()
+    sender.join(60)
+    assert len(_names("t-orphan", plan.key)) == 2
+    remove_region("t-orphan", plan.key)
+    assert not _names("t-orphan", plan.key)
+    remove_region("t-orphan", plan.key)  # nothing left: nothing to do
 
 
 def test_closing_tolerates_a_name_already_removed():

@@ -129,9 +129,9 @@ class Coordinator:
         if cfg.backend == "auto":
             self.wire = auto_backend(self.learner.call("placement"), ray.get([e.ready.remote() for e in self.engines]))
         tp = [cfg.engine.tensor_parallel_size] * cfg.engines
-        group = weight_group_config(tp, self.wire, timeout_s=cfg.timeout_s)
-        joins = join_engines(self.engines, tp, group)
-        ray.get([*self.learner.submit("join_weight_group", group), *joins], timeout=cfg.timeout_s)
+        self.group = weight_group_config(tp, self.wire, timeout_s=cfg.timeout_s)
+        joins = join_engines(self.engines, tp, self.group)
+        ray.get([*self.learner.submit("join_weight_group", self.group), *joins], timeout=cfg.timeout_s)
 
     def _recover(self, error: Exception, attempts: int = 3) -> None:
         """A member of the weight group died and Ray restarted it: an engine comes back
@@ -160,7 +160,7 @@ class Coordinator:
             self.learner_restores += 1
             if self.last_checkpoint is not None:
                 self.restored_learner_steps = self.learner.call("load_checkpoint", str(self.last_checkpoint))
-        self.learner.call("leave_weight_group")
+        self.learner.call("leave_weight_group", self.group.token, self.plan.key)
         for e in self.engines:
             try:
                 ray.get(e.leave_weight_group.remote(), timeout=60)
@@ -417,7 +417,8 @@ class Coordinator:
 
     def shutdown(self) -> None:
         # Leaving the weight group releases its shared segments (shm, ipc wires).
-        members = [*self.learner.submit("leave_weight_group")] if hasattr(self, "learner") else []
+        region = (self.group.token, self.plan.key) if hasattr(self, "plan") else ()
+        members = self.learner.submit("leave_weight_group", *region) if hasattr(self, "learner") else []
         members += [e.leave_weight_group.remote() for e in getattr(self, "engines", [])]
         for ref in members:
             try:

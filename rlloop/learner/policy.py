@@ -208,13 +208,19 @@ class PolicyLearner:
             tok, _ = self.token_logprobs(ids)
         return [tok[i][comp[i]].tolist() for i in range(len(prompts))]
 
-    def leave_weight_group(self) -> None:
+    def leave_weight_group(self, token: str | None = None, plan_key: str | None = None) -> None:
+        """Close this rank's sender; given the group's token and plan key, also remove a
+        shared region that a predecessor of this rank (killed, restarted) left behind."""
         if self.sender is not None:
             try:
                 self.sender.close()
             except Exception:  # a group broken by a dead member may not close cleanly
                 pass
             self.sender = None
+        if token is not None:
+            from rlloop.weights.shared import remove_region
+
+            remove_region(token, plan_key)
 
     def placement(self) -> dict:
         from rlloop.actors.weight_sync import placement

@@ -157,11 +157,32 @@ class OpenedRegion:
 
 
 def _unlink(seg: shared_memory.SharedMemory) -> None:
-    """Remove a segment's name; whoever is first removes it, the others find it gone."""
+    _unlink_name(seg._name)  # noqa: SLF001
+
+
+def _unlink_name(name: str) -> None:
+    """Remove a segment's name (as SharedMemory keeps it, with its leading slash) without
+    touching the resource tracker; whoever is first removes it, the others find it gone."""
     try:
-        shared_memory._posixshmem.shm_unlink(seg._name)  # noqa: SLF001 (unlink without re-registering)
+        shared_memory._posixshmem.shm_unlink(name)  # noqa: SLF001
     except FileNotFoundError:
         pass
+
+
+def remove_region(token: str, plan_key: str) -> None:
+    """Remove a region's names whoever created it: a re-formed group's members call it
+    for the old group, so a sender that died without closing, and whose workers died
+    too, leaves nothing behind. The mailbox names the data segment (shm)."""
+    try:
+        mailbox = _open_segment(mailbox_name(token, plan_key))
+    except FileNotFoundError:
+        return
+    _, length = _HEADER.unpack_from(mailbox.buf, 0)
+    info = pickle.loads(bytes(mailbox.buf[_HEADER.size:_HEADER.size + length]))
+    mailbox.close()
+    if "segment" in info:
+        _unlink_name("/" + info["segment"])
+    _unlink(mailbox)
 
 
 def _open_ipc(ipc_args, uuid: str, device: torch.device) -> torch.Tensor:
