@@ -66,9 +66,10 @@ def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
     assert versions == sorted(set(versions)), "one new weight version per step"
     assert all(r["lag_max"] <= 1 for r in rows), "max_lag=1 must hold for every used sample"
     assert any(r["lag_max"] == 1 for r in rows), "pipelined rollout should overlap an update"
-    # Gain (last 10 - first 10 steps) over seeds 0-4: 0.29-0.46 (seed 0: 0.38). At 100
-    # steps it was 0.22-0.36, too close to this bound (an unseeded run gave 0.16).
-    assert summary["reward_last"] >= summary["reward_first"] + 0.2, summary
+    # Gain (last 10 - first 10 steps) over seeds 0-4 at the recipe's lr 5e-4: 0.43-0.57
+    # (seed 0: 0.45), no run collapsing. At lr 1e-3 it was 0.29-0.46, and one CI run
+    # collapsed late to 0.18: the recipe's lr was lowered, the bound kept below the spread.
+    assert summary["reward_last"] >= summary["reward_first"] + 0.3, summary
     assert (tmp_path / "reward.png").stat().st_size > 1000
 
 
@@ -160,7 +161,7 @@ def test_killed_engine_and_learner_come_back_and_the_run_goes_on(tmp_path, ray_c
     assert rows["weight_version"].is_monotonic_increasing
     assert ray.get(ray.get_actor("faulty/engine/0").version.remote()) == summary["weight_version"]
     # And it kept learning. Uninterrupted runs, seeds 0-4, steps 60-69 vs 0-4 (the
-    # learner kill costs up to 10 steps): +0.19 to +0.30.
+    # learner kill costs up to 10 steps), at lr 5e-4: +0.17 to +0.24.
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
 
 
@@ -205,7 +206,7 @@ def test_megatron_tp2_learner_trains_and_survives_losing_a_rank(tmp_path, ray_cl
     assert summary["steps"] == 80 and summary["learner_restores"] == 1, summary
     assert summary["restored_learner_steps"] >= 10, summary
     assert rows["weight_version"].is_monotonic_increasing and (rows["generated"] == 32 * 8).all()
-    # TP=2 trains as TP=1 does (test_megatron_learner): the same spread, +0.19 to +0.30.
+    # TP=2 trains as TP=1 does (test_megatron_learner): the same spread, +0.17 to +0.24.
     assert rows["reward_mean"][-10:].mean() > rows["reward_mean"][:5].mean() + 0.1, summary
     last = tmp_path / "checkpoints" / "step_000080"
     assert {p.name for p in last.glob("learner_state_rank*.pt")} == {"learner_state_rank0.pt",
