@@ -144,7 +144,7 @@ def test_wandb_offline_run_holds_the_same_reward_series(observed):
         elif record.HasField("run"):
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
     assert history == _jsonl_rewards(observed["out"])
-    assert config["name"] == RUN and config["learner.lr"] == 1e-3 and config["problems"] == 1000
+    assert config["name"] == RUN and config["learner.lr"] == 5e-4 and config["problems"] == 1000
     assert images == ["image-file"]
 
 
@@ -157,7 +157,7 @@ def test_mlflow_run_holds_the_same_reward_series_config_and_plot(observed, monke
     assert run.info.run_name == RUN and run.info.status == "FINISHED"
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "reward_mean")}
     assert history == _jsonl_rewards(observed["out"])
-    assert run.data.params["learner.lr"] == "0.001"
+    assert run.data.params["learner.lr"] == "0.0005"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["reward.png"]
 
 
