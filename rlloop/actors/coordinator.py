@@ -406,7 +406,7 @@ class Coordinator:
         r = [h["reward_mean"] for h in self.history]
         k = max(1, min(10, len(r) // 2))  # first and last k steps never overlap
         return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
-                "reward_first": sum(r[:k]) / max(k, 1), "reward_last": sum(r[-k:]) / max(k, 1), "reward_k": k,
+                "reward_first": sum(r[:k]) / k, "reward_last": sum(r[-k:]) / k, "reward_k": k,
                 "weight_version": self.version, "weights_backend": self.wire, "dropped_stale": self.dropped_stale,
                 "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
                 "failures": self.failures, "learner_restores": self.learner_restores,
