@@ -2,7 +2,9 @@
 
 - step_ms:         one GRPO optimizer step (forward, vocab-parallel log-probs, backward,
                    optimizer) on --batch samples of 64 prompt + --completion tokens; median.
-- floor_ms:        raw broadcast of the update's bytes over the same weight group.
+- floor_ms:        the update's bytes over the same wire with no gather, conversion or
+                   loading: a raw broadcast (nccl, gloo) or one copy out of the shared
+                   region into an engine-owned buffer (ipc, shm).
 - export_ms:       one full update from the learner: per-bucket gather over TP ranks,
                    Megatron -> HF conversion, pack, broadcast, engine load; median.
 - logprob_diff_*:  |learner log-prob - engine log-prob| over tokens the engine sampled,
@@ -13,7 +15,7 @@
 CPU:  python scripts/bench_learner.py --model tiny --tp 2 --json runs/bench_learner_cpu.json
 GPU:  python scripts/bench_learner.py --model qwen2.5-1.5b --tp 1 --json out.json
       (learner and engine each on their own GPU when there are enough, over NCCL;
-       on a single GPU they share it and the weight group runs over gloo)
+       on a single GPU they share it and the weights go over CUDA IPC)
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ import torch
 
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
-from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
+from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.models.presets import model_dir
 from rlloop.weights.protocol import WeightUpdateRequest
+from rlloop.weights.shared import SHARED_WIRES
 
 
 def main(argv=None):
@@ -53,11 +56,9 @@ def main(argv=None):
     bucket_mb = args.bucket_mb or (512 if gpus else 1)
     path = str(model_dir(args.model, os.path.join(tempfile.mkdtemp(prefix="rlloop-bench-"), "model"),
                          dtype=dtype, weights=True))
-    # Own GPUs for engine and every learner rank when there are enough; else all share
-    # GPU 0, and NCCL (one rank per GPU) gives way to gloo through host memory.
+    # Own GPUs for engine and every learner rank when there are enough; else all share GPU 0.
     own = gpus >= args.tp + 1
     engine_gpus, learner_gpus = (1, 1) if own else ((0.5, 0.5 / args.tp) if gpus else (0, 0))
-    backend = "nccl" if own else "gloo"
 
     ray.init(include_dashboard=False, log_to_driver=False)
     engine = engine_actor(EngineConfig(model=path, dtype=dtype, gpu_memory_utilization=0.3 if gpus else 0.05,
@@ -67,9 +68,13 @@ def main(argv=None):
     learner = LearnerGroup(LearnerConfig(model=path, backend="megatron", tensor_parallel_size=args.tp,
                                          dtype=dtype, lr=1e-6, micro_batch_size=4), "bench", gpus_per_rank=learner_gpus)
     learner.wait_ready(time.time() + 600)
+    # The wire a run would take (weights.backend=auto): ipc on a shared GPU, nccl
+    # between GPUs, shm on CPU.
+    backend = auto_backend(learner.call("placement"), [ray.get(engine.ready.remote())])
     group = weight_group_config([1], backend, timeout_s=300)
     ray.get([*learner.submit("join_weight_group", group), *join_engines([engine], [1], group)])
     plan = learner.call("weight_plan", int(bucket_mb * 2**20))
+    pusher = UpdatePusher([engine], shared=backend in SHARED_WIRES)
     version = 0
 
     def export():
@@ -77,16 +82,21 @@ def main(argv=None):
         version += 1
         req = WeightUpdateRequest(version, plan)
         t0 = time.perf_counter()
-        stats, send = push_update([engine], req, lambda: learner.call("send_weights", req))
+        stats, send = pusher.push(req, lambda: learner.call("send_weights", req.ticket()))
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     export()  # warm-up: buffers, receiver state, first collectives
     print("exported once", flush=True)
     floor = []
     for _ in range(args.repeats):
-        raw = engine.receive_raw.remote(WeightUpdateRequest(version, plan))
-        floor.append(learner.call("send_raw", plan)["send_ms"])
-        ray.get(raw)
+        raw = WeightUpdateRequest(version, plan)
+        if pusher.shared:  # the region first, then the workers' copy out of it
+            learner.call("send_raw", plan)
+            floor.append(ray.get(engine.receive_raw.remote(raw))["worker_ms"])
+        else:
+            receiving = engine.receive_raw.remote(raw)
+            floor.append(learner.call("send_raw", plan)["send_ms"])
+            ray.get(receiving)
     exports = [export() for _ in range(args.repeats)]
 
     # Log-prob parity on tokens the engine samples with the exported weights.

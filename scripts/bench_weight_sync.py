@@ -39,7 +39,7 @@ import ray
 import torch
 
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
-from rlloop.actors.weight_sync import form_weight_group, push_update
+from rlloop.actors.weight_sync import UpdatePusher, form_weight_group
 from rlloop.models.presets import model_dir
 from rlloop.models.schema import checkpoint_schema
 from rlloop.weights.protocol import DTYPES, WeightUpdateRequest, make_plan
@@ -86,13 +86,13 @@ class Bench:
             ray.get(self.engine.leave_weight_group.remote())
         backend = "ipc" if wire.startswith("ipc") else wire
         self.sender = form_weight_group([self.engine], [1], backend, self.device, in_place=wire == "ipc")
+        self.pusher = UpdatePusher([self.engine], self.sender.shared)
 
     def push(self, mode=None):
         self.version += 1
         req = WeightUpdateRequest(self.version, self.plan)
         t0 = time.perf_counter()
-        stats, send = push_update([self.engine], req, lambda: self.sender.send(req, self.tensors), mode=mode,
-                                  shared=self.sender.shared)
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, self.tensors), mode=mode)
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     def floor_ms(self) -> float | None:

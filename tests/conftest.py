@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor  # noqa: E402
-from rlloop.actors.weight_sync import form_weight_group, push_update  # noqa: E402
+from rlloop.actors.weight_sync import UpdatePusher, form_weight_group  # noqa: E402
 from rlloop.models.tiny import build_tiny_model  # noqa: E402
 from rlloop.weights.protocol import WeightUpdateRequest, make_plan, parameter_infos  # noqa: E402
 
@@ -54,7 +54,8 @@ class Updater:
         self.sender = sender
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        self.version = max(ray.get([e.version.remote() for e in engines]))  # versions only rise
+        self.pusher = UpdatePusher(engines, sender.shared)
+        self.version = self.pusher.version  # versions only rise
         self.plan = make_plan(parameter_infos(self.tensors().items()), bucket_bytes=256 << 10)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -71,13 +72,12 @@ class Updater:
     def request(self, version=None, plan=None) -> WeightUpdateRequest:
         return WeightUpdateRequest(self.version + 1 if version is None else version, plan or self.plan)
 
-    def push(self, seed: int, engines=None):
+    def push(self, seed: int):
         """Randomize the reference with `seed` and send it as the next version."""
         self.randomize(seed)
         req = self.request()
         tensors = self.tensors()
-        stats, send = push_update(engines or self.engines, req, lambda: self.sender.send(req, tensors),
-                                  shared=self.sender.shared)
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, tensors))
         self.version = req.version
         return stats, send
 

@@ -11,7 +11,7 @@ import torch
 
 from rlloop.actors.engine import EngineConfig, EngineStartError, Generation, Sampling, engine_actor
 from rlloop.models.tiny import build_tiny_model
-from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, make_plan
+from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, WeightUpdateRequest, make_plan
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +90,25 @@ def test_shared_wire_refuses_a_version_the_sender_has_not_written(updater, greed
     ray.get(engine.prepare_update.remote(request))
     with pytest.raises(Exception, match=f"holds v{updater.version}, not the requested v{request.version}"):
         ray.get(engine.update_weights.remote(request))
+    assert ray.get(engine.version.remote()) == version
+    assert _greedy(engine, probe_prompts, greedy) == before
+
+
+def test_tickets_name_a_prepared_plan_and_a_newer_version(updater, greedy, probe_prompts):
+    """After a plan's first update, updates travel as tickets (the plan's key and the
+    version). A ticket for a plan the engine was never given, or for a version it
+    already has, is refused before anything changes; the pusher refuses a stale
+    version before the sender starts."""
+    engine = updater.engines[0]
+    before = _greedy(engine, probe_prompts, greedy)
+    version = ray.get(engine.version.remote())
+    other = make_plan(list(updater.plan.params), bucket_bytes=128 << 10)  # another layout, another key
+    with pytest.raises(WeightUpdateError, match="has not been given"):
+        ray.get(engine.update_weights.remote(WeightUpdateRequest(version + 1, other).ticket()))
+    with pytest.raises(WeightUpdateError, match="stale"):
+        ray.get(engine.update_weights.remote(updater.request(version=version).ticket()))
+    with pytest.raises(WeightUpdateError, match="stale"):
+        updater.pusher.push(updater.request(version=version), lambda: pytest.fail("the sender must not start"))
     assert ray.get(engine.version.remote()) == version
     assert _greedy(engine, probe_prompts, greedy) == before
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
-from rlloop.actors.weight_sync import join_engines, push_update, weight_group_config
+from rlloop.actors.weight_sync import UpdatePusher, join_engines, weight_group_config
 from rlloop.learner.policy import LearnerConfig
 from rlloop.models.tiny import build_tiny_model
 from rlloop.weights.protocol import WeightUpdateRequest
@@ -124,7 +124,7 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
         plan = learner.call("weight_plan", 64 << 10)  # several buckets: units split across them
         assert len(plan.buckets) > 3
         req = WeightUpdateRequest(1, plan)
-        stats, send = push_update([engine], req, lambda: learner.call("send_weights", req))
+        stats, send = UpdatePusher([engine], shared=False).push(req, lambda: learner.call("send_weights", req.ticket()))
         assert stats[0].version == 1 and send["bytes"] == plan.total_bytes
 
         learner.call("save", str(tmp_path / "exported"))

@@ -1,8 +1,10 @@
-"""Pure logic of the update protocol: bucket packing and validation."""
+"""Pure logic of the update protocol: bucket packing, validation, tickets."""
+import pickle
+
 import pytest
 
 from rlloop.weights.protocol import (ALIGN_BYTES, ParameterInfo, WeightUpdateError,
-                                     WeightUpdateRequest, make_plan, validate_request)
+                                     WeightUpdateRequest, make_plan, resolve, validate_request)
 
 
 def _params():
@@ -58,3 +60,18 @@ def test_validation_names_every_kind_of_problem():
     msg = str(e.value)
     assert "w0: shape" in msg and "w1: dtype" in msg and "unknown parameter 'nope'" in msg
     assert "missing 1 parameter" in msg
+
+
+def test_a_ticket_stands_for_its_request_where_the_plan_is_held():
+    plan = make_plan(_params())
+    request = WeightUpdateRequest(4, plan, tp_rank=0, tp_size=1)
+    ticket = request.ticket()
+    assert ticket.plan_key == plan.key and ticket.version == 4
+    assert resolve(ticket, {plan.key: plan}) == request
+    assert resolve(request, {}) is request  # a request in full carries its plan
+    with pytest.raises(WeightUpdateError, match="has not been given"):
+        resolve(ticket, {})
+    # What crosses each hop per update: a model-sized plan (300 tensors) vs its ticket.
+    big = WeightUpdateRequest(5, make_plan([ParameterInfo(f"model.layers.{i}.w", (64, 64), "bfloat16")
+                                            for i in range(300)]))
+    assert len(pickle.dumps(big.ticket())) < len(pickle.dumps(big)) / 100

@@ -29,7 +29,7 @@ import torch
 from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
-from rlloop.actors.weight_sync import auto_backend, join_engines, push_update, weight_group_config
+from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
@@ -88,7 +88,8 @@ class Coordinator:
         self.history: list[dict] = []
         self.dropped_stale = 0
         self.failures = 0
-        self.learner_restores = 0
+        self.learner_restores = 0  # failures after which the learner came back from its last checkpoint
+        self.learner_came_back = False  # during a recovery: the learner was restarted
         self.restored_learner_steps: int | None = None  # optimizer steps of the checkpoint last restored
         self.requests_reissued = 0
         self.last_checkpoint: Path | None = None
@@ -132,6 +133,7 @@ class Coordinator:
         self.group = weight_group_config(tp, self.wire, timeout_s=cfg.timeout_s)
         joins = join_engines(self.engines, tp, self.group)
         ray.get([*self.learner.submit("join_weight_group", self.group), *joins], timeout=cfg.timeout_s)
+        self.pusher = UpdatePusher(self.engines, shared=self.wire in SHARED_WIRES)
 
     def _recover(self, error: Exception, attempts: int = 3) -> None:
         """A member of the weight group died and Ray restarted it: an engine comes back
@@ -139,16 +141,22 @@ class Coordinator:
         Wait for everyone, re-form the group and resend the learner's weights. Another
         actor may fail while this runs (an engine whose transfer broke): start over."""
         self.failures += 1
-        for attempt in range(attempts):
-            print(f"[rlloop] actor failure ({type(error).__name__}); recovering, attempt {attempt + 1}",
-                  flush=True)
-            try:
-                self._regroup()
-                return
-            except ACTOR_TROUBLE as e:
-                if attempt + 1 == attempts:
-                    raise
-                error = e
+        self.learner_came_back = False
+        try:
+            for attempt in range(attempts):
+                print(f"[rlloop] actor failure ({type(error).__name__}: {str(error)[:200]}); recovering, "
+                      f"attempt {attempt + 1}", flush=True)
+                try:
+                    self._regroup()
+                    return
+                except ACTOR_TROUBLE as e:
+                    if attempt + 1 == attempts:
+                        raise
+                    error = e
+        finally:
+            # One failure, one restore, however many attempts it took: a retry may have to
+            # restart ranks again (a survivor still stuck in the broken collective).
+            self.learner_restores += self.learner_came_back
 
     def _regroup(self) -> None:
         deadline = time.time() + max(self.cfg.timeout_s, 300)
@@ -157,7 +165,7 @@ class Coordinator:
             wait_ready(e, deadline)
         if pids != self.learner_pids:
             self.learner_pids = pids
-            self.learner_restores += 1
+            self.learner_came_back = True
             if self.last_checkpoint is not None:
                 self.restored_learner_steps = self.learner.call("load_checkpoint", str(self.last_checkpoint))
         self.learner.call("leave_weight_group", self.group.token, self.plan.key)
@@ -176,8 +184,8 @@ class Coordinator:
         self.version += 1
         req = WeightUpdateRequest(self.version, self.plan)
         try:
-            stats, send = push_update(self.engines, req, lambda: self.learner.call("send_weights", req),
-                                      shared=self.wire in SHARED_WIRES)
+            # The learner computed the plan: it gets the ticket, never the plan.
+            stats, send = self.pusher.push(req, lambda: self.learner.call("send_weights", req.ticket()))
         except (*ACTOR_GONE, ray.exceptions.RayTaskError) as e:
             if recovering or isinstance(e, WeightUpdateError):
                 raise

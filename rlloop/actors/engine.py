@@ -19,7 +19,8 @@ from pathlib import Path
 from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest, pack, validate_request
+from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateError, WeightUpdateRequest,
+                                    check_version, pack, resolve, validate_request)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class GenerationEngine:
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
         self.stats_ = EngineStats()
         self._update_lock = asyncio.Lock()
-        self._prepared: dict[tuple[str, str], str] = {}
+        self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
+        self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
 
     async def ready(self) -> dict:
         import ray
@@ -192,38 +194,55 @@ class GenerationEngine:
 
     async def init_weight_group(self, cfg: WeightGroupConfig, rank_offset: int) -> list[int]:
         """Join the weight group: worker w of this engine becomes rank rank_offset + w."""
+        self._plans.clear()
         self._prepared.clear()
         return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset))
 
     async def leave_weight_group(self) -> None:
         await self.llm.collective_rpc("rl_leave_weight_group")
+        self._plans.clear()
         self._prepared.clear()
 
-    def check_update(self, request: WeightUpdateRequest) -> None:
-        """Raise WeightUpdateError if `request` does not fit this model. Changes nothing."""
+    def _admit(self, update: WeightUpdateRequest | UpdateTicket, mode: str) -> WeightUpdateRequest:
+        """The request `update` stands for, checked against this model: a request in full
+        is validated whole; a ticket names a plan validated here before, so only its
+        version is new. Raises WeightUpdateError and changes nothing."""
         try:
-            validate_request(request, self.schema, self.stats_.version)
+            request = resolve(update, self._plans)
+            if update is request or (request.plan.key, mode) not in self._prepared:
+                validate_request(request, self.schema, self.stats_.version)
+            else:
+                check_version(request.version, self.stats_.version)
         except WeightUpdateError:
             self.stats_.rejected_updates += 1
             raise
+        return request
 
     async def prepare_update(self, request: WeightUpdateRequest, mode: str | None = None) -> str:
         """Validate, then let every worker build its buffers for this plan (once per
-        plan, outside any pause). Returns the receive mode the workers chose.
-        `mode` overrides the configured receive mode for this plan."""
-        self.check_update(request)
-        key = (request.plan.key, mode or self.config.receive_mode)
+        plan, outside any pause); later updates of the plan may then come as tickets.
+        Returns the receive mode the workers chose. `mode` overrides the configured
+        receive mode for this plan."""
+        mode = mode or self.config.receive_mode
+        self._admit(request, mode)
+        key = (request.plan.key, mode)
         if key not in self._prepared:  # workers keep per-plan state: one RPC per plan
-            modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), key[1]))
+            modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), mode))
+            self._plans[request.plan.key] = request.plan
             self._prepared[key] = modes[0]
         return self._prepared[key]
 
-    async def update_weights(self, request: WeightUpdateRequest, mode: str | None = None) -> UpdateStats:
-        """Receive `request` from the sender (who broadcasts concurrently) and load it,
-        pausing generation only for the transfer. Call `prepare_update` first: a request
-        that does not fit is rejected there, before the sender starts."""
+    async def update_weights(self, update: WeightUpdateRequest | UpdateTicket,
+                             mode: str | None = None) -> UpdateStats:
+        """Receive `update` from the sender and load it, pausing generation only for the
+        transfer. A request that does not fit is rejected before anything changes; on a
+        broadcast wire call `prepare_update` first, so that it is rejected before the
+        sender starts (UpdatePusher does)."""
+        mode = mode or self.config.receive_mode
         async with self._update_lock:
-            self.check_update(request)
+            request = self._admit(update, mode)
+            if (request.plan.key, mode) not in self._prepared:
+                await self.prepare_update(request, mode)
             t0 = time.perf_counter()
             # What AsyncLLM.pause_generation(mode="keep", clear_cache=False) does, minus
             # the fixed 20 ms sleep it ends with (vLLM 0.26 and 0.32), which its own
@@ -232,8 +251,8 @@ class GenerationEngine:
             await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
             t1 = time.perf_counter()
             try:
-                results = await self.llm.collective_rpc(
-                    "rl_receive", args=(pack(request), mode or self.config.receive_mode))
+                # The workers hold the plan: only its key and the version cross.
+                results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
                 self.stats_.version = request.version
             finally:
                 await self.llm.resume_generation()
@@ -251,9 +270,10 @@ class GenerationEngine:
             return stats
 
     async def receive_raw(self, request: WeightUpdateRequest) -> dict:
-        """Receive the plan's bytes without loading them (benchmark floor); no pause."""
+        """Receive the plan's bytes without loading them (benchmark floor); no pause.
+        The plan must have been prepared (an update of it ran)."""
         results = await self.llm.collective_rpc(
-            "rl_receive", args=(pack(request), self.config.receive_mode), kwargs={"load": False})
+            "rl_receive", args=(request.plan.key, request.version, self.config.receive_mode), kwargs={"load": False})
         return results[0]
 
     async def sleep(self, level: int = 1) -> dict:

@@ -1,5 +1,5 @@
-"""Driving an in-flight update from the sender's process: form the weight group with
-every engine, then validate-everywhere-first and broadcast.
+"""Driving in-flight updates from the sender's process: form the weight group with
+every engine, then push updates (validate everywhere first, then send).
 
 The sender (a learner rank, a benchmark, a test) calls these; engines are Ray handles
 of GenerationEngine.
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from rlloop.weights.group import WeightGroupConfig, free_port
-from rlloop.weights.protocol import WeightUpdateRequest
+from rlloop.weights.protocol import WeightUpdateRequest, check_version
 from rlloop.weights.sender import WeightSender
 
 
@@ -46,20 +46,48 @@ def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, 
         return sender.result()
 
 
-def push_update(engines: Sequence, request: WeightUpdateRequest,
-                send: Callable[[], dict], mode: str | None = None, shared: bool = False) -> tuple[list, dict]:
-    """Every engine validates and prepares first (a bad request raises here and
-    nothing has changed anywhere); then all receive while `send` broadcasts. On a
-    shared wire (`shared`: shm, ipc) the sender fills its region first, and the
-    engines then copy out of it; the next send waits for all of them."""
-    if shared:
-        send_stats = send()
-        ray.get([e.prepare_update.remote(request, mode) for e in engines])
-        return ray.get([e.update_weights.remote(request, mode) for e in engines]), send_stats
-    ray.get([e.prepare_update.remote(request, mode) for e in engines])
-    updates = [e.update_weights.remote(request, mode) for e in engines]
-    send_stats = send()
-    return ray.get(updates), send_stats
+class UpdatePusher:
+    """Drives in-flight updates of one formed weight group from the sender's side.
+
+    A plan travels once: its first update is validated and prepared on every engine
+    before anything changes anywhere (a bad request raises here, every engine keeps
+    its weights and the sender has not started); later updates of the plan are
+    tickets (its key and the version), one call per engine. On a shared wire (shm,
+    ipc) the sender fills its region first and the engines then copy out of it; the
+    next send waits for all of them. On a broadcast wire the engines receive while
+    `send` broadcasts. Form a new pusher with each group (engines forget their plans
+    when they join one)."""
+
+    def __init__(self, engines: Sequence, shared: bool):
+        self.engines = list(engines)
+        self.shared = shared
+        self._prepared: set[tuple[str, str | None]] = set()  # (plan key, mode) on every engine
+        # Versions only rise: a stale ticket is refused here, before any engine or the
+        # sender starts (one engine refusing mid-broadcast would leave the others waiting).
+        self.version = max(ray.get([e.version.remote() for e in self.engines]))
+
+    def _prepare(self, request: WeightUpdateRequest, mode: str | None) -> None:
+        if (request.plan.key, mode) not in self._prepared:
+            ray.get([e.prepare_update.remote(request, mode) for e in self.engines])
+            self._prepared.add((request.plan.key, mode))
+
+    def push(self, request: WeightUpdateRequest, send: Callable[[], dict],
+             mode: str | None = None) -> tuple[list, dict]:
+        """Update every engine to `request`; `send` makes the sender send it. Returns the
+        engines' UpdateStats and what `send` returned."""
+        check_version(request.version, self.version)
+        ticket = request.ticket()
+        if self.shared:
+            send_stats = send()
+            self._prepare(request, mode)  # the workers map the region the send created
+            stats = ray.get([e.update_weights.remote(ticket, mode) for e in self.engines])
+        else:
+            self._prepare(request, mode)
+            updates = [e.update_weights.remote(ticket, mode) for e in self.engines]
+            send_stats = send()
+            stats = ray.get(updates)
+        self.version = request.version
+        return stats, send_stats
 
 
 def placement() -> dict:

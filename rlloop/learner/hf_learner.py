@@ -12,7 +12,8 @@ import torch
 
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.protocol import UpdatePlan, WeightUpdateRequest, make_plan, parameter_infos
+from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
+                                    resolve)
 
 
 class HFLearner(PolicyLearner):
@@ -71,7 +72,9 @@ class HFLearner(PolicyLearner):
 
         self.sender = WeightSender(cfg, self.device, in_place=True)  # ipc: parameters are shared as they are
 
-    def send_weights(self, request: WeightUpdateRequest) -> dict:
+    def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
+        """Send `update` (a ticket names the plan of `weight_plan`)."""
+        request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
         tensors = self._tensors()
         self.sender.check(request, tensors)
         return self.sender.send(request, tensors)

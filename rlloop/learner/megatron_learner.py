@@ -33,8 +33,8 @@ from rlloop.learner import megatron_shims
 from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_hf, to_megatron, units
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.protocol import (DTYPES, ParameterInfo, UpdatePlan, WeightUpdateError,
-                                     WeightUpdateRequest, dtype_name, make_plan)
+from rlloop.weights.protocol import (DTYPES, ParameterInfo, UpdatePlan, UpdateTicket, WeightUpdateError,
+                                     WeightUpdateRequest, dtype_name, make_plan, resolve)
 
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
 SAVE_SHARD_BYTES = 2 << 30  # per safetensors file of a saved checkpoint
@@ -354,7 +354,9 @@ class MegatronLearner(PolicyLearner):
         if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
             self.sender = WeightSender(cfg, self.device)
 
-    def send_weights(self, request: WeightUpdateRequest) -> dict:
+    def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
+        """Export and send `update` (a ticket names the plan of `weight_plan`)."""
+        request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
         if request.plan.params != self.hf_params:
             raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
         if self.dp_rank != 0:

@@ -5,12 +5,14 @@ an `UpdatePlan`: which tensors travel, in HF checkpoint names, and where each on
 sits inside a few large flat byte buckets. The plan is computed once per model and
 reused every step; a `WeightUpdateRequest` only adds the version and the learner's
 tensor-parallel coordinates. Receivers cache everything they derive from a plan under
-`plan.key`, so no metadata is rebuilt per step.
+`plan.key`, so no metadata is rebuilt per step, and a plan travels once: later updates
+of it are `UpdateTicket`s, which name the plan by its key.
 """
 from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +109,39 @@ class WeightUpdateRequest:
     tp_rank: int = 0
     tp_size: int = 1
 
+    def ticket(self) -> UpdateTicket:
+        return UpdateTicket(self.version, self.plan.key, self.tp_rank, self.tp_size)
+
+
+@dataclass(frozen=True)
+class UpdateTicket:
+    """A further update of a plan its receiver already holds: the version and the plan's
+    key instead of the plan. A plan of a few hundred tensors costs about a millisecond
+    to pickle at each hop (driver -> engine actor -> engine core -> worker), so only a
+    plan's first request carries it."""
+
+    version: int
+    plan_key: str
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+def resolve(update: WeightUpdateRequest | UpdateTicket, plans: Mapping[str, UpdatePlan]) -> WeightUpdateRequest:
+    """The request `update` stands for: itself, or a ticket with its plan from `plans`
+    (the plans this receiver holds, by key)."""
+    if isinstance(update, WeightUpdateRequest):
+        return update
+    plan = plans.get(update.plan_key)
+    if plan is None:
+        raise WeightUpdateError(f"update v{update.version} names plan {update.plan_key!r}, which this receiver "
+                                "has not been given: send its WeightUpdateRequest (prepare_update) first")
+    return WeightUpdateRequest(update.version, plan, update.tp_rank, update.tp_size)
+
+
+def check_version(version: int, current_version: int) -> None:
+    if version <= current_version:
+        raise WeightUpdateError(f"stale update: version {version} <= current version {current_version}")
+
 
 def _align(n: int) -> int:
     return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
@@ -156,10 +191,7 @@ def validate_request(
     lm_head.weight included: vLLM on CPU keeps a separately packed copy of a tied
     lm_head, which only a tensor sent under that name refreshes.
     """
-    if request.version <= current_version:
-        raise WeightUpdateError(
-            f"stale update: version {request.version} <= current version {current_version}"
-        )
+    check_version(request.version, current_version)
     if request.tp_size != 1 or request.tp_rank != 0:
         raise WeightUpdateError(
             "engines take full (unsharded) checkpoint tensors: expected tp_rank=0, "

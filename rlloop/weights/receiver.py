@@ -22,7 +22,7 @@ import torch
 from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
                     wire_device)
 from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
-from .protocol import UpdatePlan, WeightUpdateRequest, unpack
+from .protocol import UpdatePlan, WeightUpdateError, WeightUpdateRequest, unpack
 from .shared import SHARED_WIRES, OpenedRegion
 
 RECEIVE_MODES = ("auto", "direct", "checkpoint")
@@ -31,8 +31,9 @@ RECEIVE_MODES = ("auto", "direct", "checkpoint")
 class _PlanState:
     """What a worker derives from one plan, once: buffers and, for direct mode, copies."""
 
-    def __init__(self, mode: str, buffers: list[torch.Tensor], copies, reason: str = "",
+    def __init__(self, plan: UpdatePlan, mode: str, buffers: list[torch.Tensor], copies, reason: str = "",
                  region: OpenedRegion | None = None):
+        self.plan = plan
         self.mode = mode
         self.buffers = buffers  # bucket i arrives in (or, shared, is) buffers[i % len(buffers)]
         self.copies = copies
@@ -80,12 +81,14 @@ class WeightReceiver:
         """Build (once per plan) this worker's buffers and copy plan; returns the mode."""
         return self._rl_plan_state(unpack(request), mode).mode
 
-    def rl_receive(self, request: bytes, mode: str = "auto", load: bool = True) -> dict:
-        """Receive one update from rank 0 and load it. `load=False` only receives the
-        bytes (the benchmark's floor). Returns timings in ms, measured on this worker."""
-        request: WeightUpdateRequest = unpack(request)
-        state = self._rl_plan_state(request, mode)
-        plan = request.plan
+    def rl_receive(self, plan_key: str, version: int, mode: str = "auto", load: bool = True) -> dict:
+        """Receive `version` of the prepared plan `plan_key` from rank 0 and load it.
+        `load=False` only receives the bytes (the benchmark's floor). Returns timings
+        in ms, measured on this worker."""
+        state = self._rl_plans.get(f"{plan_key}/{mode}")
+        if state is None:
+            raise WeightUpdateError(f"plan {plan_key!r} ({mode}) was not prepared on this worker (rl_prepare)")
+        plan = state.plan
         t0 = time.perf_counter()
         if state.region is not None and not load:
             if state.region.buffer is None:
@@ -97,9 +100,9 @@ class WeightReceiver:
             for i, b in enumerate(plan.buckets):
                 broadcast_async(self._rl_group, state.buffers[i % len(state.buffers)][:b.nbytes]).wait()
         elif state.mode == "direct":
-            self._rl_receive_direct(request, state)
+            self._rl_receive_direct(state, version)
         else:
-            self._rl_receive_checkpoint(request, state)
+            self._rl_receive_checkpoint(state, version)
         synchronize(self.device)
         return {"mode": state.mode if load else "raw", "worker_ms": (time.perf_counter() - t0) * 1e3,
                 "fallback_reason": state.reason}
@@ -149,13 +152,13 @@ class WeightReceiver:
                              bucket_view(buffers[i % len(buffers)], plan, c.param, offsets[c.param]))
                             .narrow(c.dim, c.start, c.length) for c in bucket_copies]
                     copies.append(([c.dst for c in bucket_copies], srcs))
-                return _PlanState("direct", buffers, copies, region=region)
+                return _PlanState(plan, "direct", buffers, copies, region=region)
             except LayoutMismatch as e:
                 if mode == "direct":
                     raise
                 reason = str(e)
         buffers, region = self._rl_bucket_buffers(plan, "checkpoint")
-        return _PlanState("checkpoint", buffers, None, reason, region)
+        return _PlanState(plan, "checkpoint", buffers, None, reason, region)
 
     def _rl_direct_copies(self, request: WeightUpdateRequest):
         from vllm.distributed.parallel_state import get_tp_group
@@ -174,10 +177,10 @@ class WeightReceiver:
             tp.world_size,
         )
 
-    def _rl_receive_direct(self, request: WeightUpdateRequest, state: _PlanState) -> None:
-        plan = request.plan
+    def _rl_receive_direct(self, state: _PlanState, version: int) -> None:
+        plan = state.plan
         if state.region is not None:  # shared: every bucket is already in place
-            state.region.check(request.version)
+            state.region.check(version)
             copy_all([d for dsts, _ in state.copies for d in dsts], [s for _, srcs in state.copies for s in srcs])
             return
         n_buf = len(state.buffers)
@@ -190,10 +193,10 @@ class WeightReceiver:
             if dsts:
                 copy_all(dsts, srcs)
 
-    def _rl_receive_checkpoint(self, request: WeightUpdateRequest, state: _PlanState) -> None:
-        plan = request.plan
+    def _rl_receive_checkpoint(self, state: _PlanState, version: int) -> None:
+        plan = state.plan
         if state.region is not None:
-            state.region.check(request.version)
+            state.region.check(version)
             if state.region.tensors is not None:  # in place: the sender's own tensors
                 weights = zip((p.name for p in plan.params), state.region.tensors)
                 self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
