@@ -166,6 +166,9 @@ class Coordinator:
         if pids != self.learner_pids:
             self.learner_pids = pids
             self.learner_came_back = True
+            # A new incarnation holds no plan: it computes the same one again (same key),
+            # so that it can resolve the tickets of later updates.
+            self.plan = self.learner.call("weight_plan", int(self.cfg.bucket_mb * 2**20))
             if self.last_checkpoint is not None:
                 self.restored_learner_steps = self.learner.call("load_checkpoint", str(self.last_checkpoint))
         self.learner.call("leave_weight_group", self.group.token, self.plan.key)
