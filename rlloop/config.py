@@ -22,6 +22,7 @@ def build_run_config(cfg: DictConfig):
     from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
     from rlloop.tasks.arithmetic import DatasetError, arithmetic_problems, jsonl_problems
+    from rlloop.tasks.rewards import resolve_reward
     from rlloop.trackers import TRACKERS, missing_package
 
     def need(key, ok, what):
@@ -54,6 +55,14 @@ def build_run_config(cfg: DictConfig):
     except ValueError as e:
         raise ConfigError(f"config key 'learner.loss': {e}") from None
     objective = build_objective(cfg)
+    reward = need("rollout.reward", lambda v: isinstance(v, str), "must be a module:function string")
+    try:
+        resolve_reward(reward)("0", "0")  # imports what it needs, now rather than mid-run
+    except ValueError as e:
+        raise ConfigError(f"config key 'rollout.reward': {e}") from None
+    except ImportError as e:
+        raise ConfigError(f"config key 'rollout.reward': {reward} needs the package {e.name!r} "
+                          "(pip install -e '.[math]' for math_reward)") from None
     need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
     loggers = tuple(need("trainer.loggers", lambda v: OmegaConf.is_list(v) and set(v) <= set(TRACKERS),
@@ -102,7 +111,7 @@ def build_run_config(cfg: DictConfig):
                               backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
                               micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
         engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
-        batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens,
+        batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens, reward=reward,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
         refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined,

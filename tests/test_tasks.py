@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlloop.learner.grpo import group_advantages
-from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems, numeric_reward
+from rlloop.tasks.arithmetic import arithmetic_problems, jsonl_problems
+from rlloop.tasks.rewards import math_reward, numeric_reward, resolve_reward
 
 
 def test_group_advantages_are_centred_per_group():
@@ -28,3 +29,27 @@ def test_numeric_reward_and_tasks(tmp_path):
     f.write_text(json.dumps({"q": 1}) + "\n")
     with pytest.raises(ValueError, match="question"):
         jsonl_problems(f)
+
+
+@pytest.mark.parametrize("completion, answer, reward", [
+    ("3 + 4 = 7 apples, so 2 more is 9.\n#### 9", "9", 1.0),
+    ("Adding them: $1{,}000 + 5$.\n#### 1,005", "1005", 1.0),
+    ("so the total is \\boxed{42}", "42", 1.0),
+    ("The answer is 42.", "42", 1.0),
+    ("halve it: \\boxed{\\frac{3}{4}}", "0.75", 1.0),
+    ("first 12, then 30, so 42", "42", 1.0),     # the last number
+    ("The answer is 41.", "42", 0.0),
+    ("42 is tempting, but it is 43", "42", 0.0),  # an earlier number is not the answer
+    ("I do not know", "42", 0.0),
+    ("\\boxed{", "42", 0.0),                      # malformed
+    ("", "42", 0.0),
+])
+def test_math_reward_checks_the_final_answer_in_any_format(completion, answer, reward):
+    assert math_reward(completion, answer) == reward
+
+
+def test_rewards_are_named_by_module_and_function():
+    assert resolve_reward("rlloop.tasks.rewards:math_reward") is math_reward
+    for bad in ("rlloop.tasks.rewards:nope", "no_such_module:f", "rlloop.tasks.rewards"):
+        with pytest.raises(ValueError, match="module:function"):
+            resolve_reward(bad)

@@ -33,7 +33,8 @@ from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, 
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
-from rlloop.tasks.arithmetic import Problem, numeric_reward
+from rlloop.tasks.arithmetic import Problem
+from rlloop.tasks.rewards import resolve_reward
 from rlloop.trackers import RunTrackers, hyperparameters, progress_line
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
 from rlloop.weights.shared import SHARED_WIRES
@@ -54,6 +55,7 @@ class RunConfig:
     batch_prompts: int = 16
     group_size: int = 4
     max_tokens: int = 8
+    reward: str = "rlloop.tasks.rewards:numeric_reward"  # module:function (completion, answer) -> float
     temperature: float = 1.0
     normalize_std: bool = True
     max_lag: int = 1
@@ -84,6 +86,7 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.rng = random.Random(cfg.seed)
+        self.reward = resolve_reward(cfg.reward)
         self.version = 0
         self.history: list[dict] = []
         self.dropped_stale = 0
@@ -254,7 +257,7 @@ class Coordinator:
         return problems, prompts, gens, time.perf_counter() - t0
 
     def _rewards(self, problems, gens) -> torch.Tensor:
-        return torch.tensor([numeric_reward(g.text, problems[i // self.cfg.group_size].answer)
+        return torch.tensor([self.reward(g.text, problems[i // self.cfg.group_size].answer)
                              for i, g in enumerate(gens)])
 
     def _flat_groups(self, rewards: torch.Tensor) -> list[int]:

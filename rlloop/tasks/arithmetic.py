@@ -1,5 +1,6 @@
 """Verifiable-reward tasks: the built-in arithmetic task (generated in code) and
-GSM8K-style question/answer prompts from a local JSONL file."""
+GSM8K-style question/answer prompts from a local JSONL file. Their rewards are in
+rewards.py."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
 _GSM_ANSWER = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)")
 
 
@@ -55,14 +55,3 @@ def jsonl_problems(path: str | Path, prompt_template: str = "{question}\nAnswer:
     if not problems:
         raise DatasetError(f"{path}: no problems (the file has no JSON lines)")
     return problems
-
-
-def numeric_reward(completion: str, answer: str) -> float:
-    """1.0 when the completion starts with the answer's number, else 0.0."""
-    m = _NUMBER.match(completion)
-    if not m:
-        return 0.0
-    try:
-        return float(abs(float(m.group(1)) - float(answer)) < 1e-6)
-    except ValueError:
-        return 0.0
