@@ -4,7 +4,6 @@ supplies the model, per-token log-probs and the optimizer step.
 """
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 
 from rlloop.learner.grpo import LossInputs, Objective, token_weights, truncated_is
 from rlloop.metrics import report
+from rlloop.plugins import import_function
 
 
 @dataclass
@@ -49,11 +49,7 @@ class LearnerConfig:
 
 def resolve_loss(spec: str):
     """The policy loss named "module:function"."""
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"loss {spec!r} is not an importable module:function ({e})") from e
+    return import_function(spec, "loss")
 
 
 def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):

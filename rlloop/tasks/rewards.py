@@ -5,9 +5,10 @@ final answer anywhere in a reasoning completion and checks it with math-verify (
 verifier TRL and open-r1 use)."""
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
+
+from rlloop.plugins import import_function
 
 Reward = Callable[[str, str], float]
 
@@ -48,11 +49,4 @@ def math_reward(completion: str, answer: str) -> float:
 
 def resolve_reward(spec: str) -> Reward:
     """The reward named "module:function"; ValueError if it does not import."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"reward {spec!r} is not an importable module:function ({e})") from e
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return fn
+    return import_function(spec, "reward")
