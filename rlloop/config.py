@@ -1,6 +1,7 @@
 """Turning a Hydra config into typed run configs; a bad value names its key."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,15 +22,11 @@ def build_run_config(cfg: DictConfig):
     from rlloop.actors.engine import EngineConfig
     from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
-    from rlloop.tasks.arithmetic import DatasetError, arithmetic_problems, jsonl_problems
+    from rlloop.tasks.arithmetic import arithmetic_problems
     from rlloop.tasks.rewards import resolve_reward
     from rlloop.trackers import TRACKERS, missing_package
 
-    def need(key, ok, what):
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"config key '{key}': {what}, got {value!r}")
-        return value
+    need = partial(_need, cfg)
 
     pos_int = lambda v: isinstance(v, int) and v > 0  # noqa: E731
     steps = need("trainer.steps", pos_int, "must be a positive integer")
@@ -74,11 +71,9 @@ def build_run_config(cfg: DictConfig):
         problems = arithmetic_problems(cfg.rollout.num_problems, cfg.seed, cfg.rollout.max_operand,
                                        cfg.rollout.ops)
     else:
-        path = need("rollout.jsonl_path", lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
-        try:
-            problems = jsonl_problems(path)
-        except DatasetError as e:
-            raise ConfigError(f"config key 'rollout.jsonl_path': {e}") from None
+        problems = read_jsonl(cfg, "rollout.jsonl_path")
+    problems, eval_problems = eval_split(cfg, problems)
+    prompt = prompt_format(cfg)
     out = Path(cfg.output_dir)
     model = cfg.model.path
     resume = None
@@ -110,7 +105,7 @@ def build_run_config(cfg: DictConfig):
                               ppo_mini_batches=cfg.learner.ppo_mini_batches, seed=cfg.seed, dtype=cfg.learner.dtype,
                               backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
                               micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
-        engines=engines, steps=steps, sft_steps=cfg.trainer.sft_steps, sft_batch=cfg.trainer.sft_batch,
+        engines=engines, steps=steps, sft_steps=sft_steps(cfg, task), sft_batch=cfg.trainer.sft_batch,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens, reward=reward,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
@@ -118,7 +113,79 @@ def build_run_config(cfg: DictConfig):
         rollouts_ahead=cfg.trainer.rollouts_ahead, bucket_mb=cfg.weights.bucket_mb,
         backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
         checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
-        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts, loggers=loggers)
+        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts, loggers=loggers,
+        prompt=prompt, eval_problems=tuple(eval_problems), eval_every=cfg.eval.every,
+        eval_max_tokens=cfg.eval.max_tokens, dump_every=cfg.rollout.dump_every)
+
+
+def _need(cfg: DictConfig, key: str, ok, what: str):
+    value = OmegaConf.select(cfg, key)
+    if not ok(value):
+        raise ConfigError(f"config key '{key}': {what}, got {value!r}")
+    return value
+
+
+def read_jsonl(cfg: DictConfig, key: str) -> list:
+    from rlloop.tasks.jsonl import jsonl_problems
+    from rlloop.tasks.problem import DatasetError
+
+    path = _need(cfg, key, lambda v: v and Path(v).is_file(), "must be an existing JSONL file")
+    try:
+        return jsonl_problems(path)
+    except DatasetError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def eval_split(cfg: DictConfig, problems: list) -> tuple[list, list]:
+    """(train, held out): `eval.path` or `eval.fraction` of the distinct questions. A
+    question in both never reaches training."""
+    from rlloop.tasks.problem import first_of_each, split_eval, without_prompts
+
+    fraction = _need(cfg, "eval.fraction", lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+                     "must be a number in [0, 1)")
+    _need(cfg, "eval.every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer")
+    if cfg.eval.path is not None:
+        if fraction:
+            raise ConfigError("config key 'eval.fraction': set eval.path or eval.fraction, not both")
+        held = first_of_each(read_jsonl(cfg, "eval.path"))
+        train = without_prompts(problems, {p.prompt for p in held})
+    elif fraction:
+        train, held = split_eval(problems, fraction, cfg.seed)
+    else:
+        return problems, []
+    if not train:
+        raise ConfigError("config key 'eval.fraction': no training problems are left after holding out the eval split")
+    return train, held
+
+
+def prompt_format(cfg: DictConfig):
+    from rlloop.tasks.prompts import PromptFormat
+
+    template = _need(cfg, "rollout.prompt_template", lambda v: isinstance(v, str), "must be a string")
+    try:
+        template.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"config key 'rollout.prompt_template': {template!r} must name only {{question}} "
+                          f"({type(e).__name__}: {e})") from None
+    chat = _need(cfg, "rollout.chat_template", lambda v: v in ("auto", "none") or (v and Path(v).is_file()),
+                 "must be auto, none or the path of a Jinja template file")
+    if chat not in ("auto", "none"):
+        chat = Path(chat).read_text()
+    return PromptFormat(template=template, chat_template=chat, system_prompt=cfg.rollout.system_prompt)
+
+
+# trainer.sft_steps=auto: a randomly initialised tiny model earns no reward on the
+# built-in task without a warm-up; a model or data of the user's gets none unless asked.
+TINY_WARMUP_STEPS = 40
+
+
+def sft_steps(cfg: DictConfig, task: str) -> int:
+    value = _need(cfg, "trainer.sft_steps", lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                  "must be auto or an integer >= 0")
+    if value != "auto":
+        return value
+    built_here = cfg.model.path is None and cfg.model.preset is None and cfg.resume is None
+    return TINY_WARMUP_STEPS if built_here and task == "arithmetic" else 0
 
 
 # Objective fields set from config keys other than learner.<field>.

@@ -53,28 +53,19 @@ class RunHandle:
 
         return pd.DataFrame(ray.get(self.coordinator.metrics.remote()))
 
-    def plot(self, ax=None):
-        """Reward curve (and its moving average) on a matplotlib axis."""
-        import matplotlib.pyplot as plt
+    def plot(self):
+        """The reward curve (and its moving average), and beside it the held-out eval
+        accuracy when the run has an eval split: the figure of reward.png."""
+        from rlloop.run_report import plot_run
 
-        df = self.metrics()
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
-        if len(df):
-            ax.plot(df["step"], df["reward_mean"], label="reward (mean)")
-            ax.plot(df["step"], df["reward_mean"].rolling(5, min_periods=1).mean(), label="5-step average")
-            ax.legend(loc="lower right")
-        ax.set_xlabel("step")
-        ax.set_ylabel("reward")
-        ax.set_title(self.config.name)
-        return ax
+        return plot_run(ray.get(self.coordinator.metrics.remote()), self.config.name)
 
     def wait(self, timeout: float | None = None, progress: bool = True) -> dict:
         """Block until the run ends (with a progress bar); returns its summary."""
         if self._summary is None:
             from tqdm.auto import tqdm
 
-            from rlloop.actors.coordinator import summary_line
+            from rlloop.run_report import summary_line
 
             with tqdm(total=self.config.steps, desc=self.config.name, unit="step",
                       disable=not progress) as bar:

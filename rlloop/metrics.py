@@ -16,6 +16,7 @@ DESCRIPTIONS = {
     "rlloop_tok_s": "generated tokens per second in the last rollout",
     "rlloop_lag_max": "largest version lag among the last rollout's samples",
     "rlloop_reward": "mean reward of the last rollout",
+    "rlloop_eval_accuracy": "mean reward of greedy decoding on the held-out eval split (last eval)",
     "rlloop_loss": "learner loss of the last step",
     "rlloop_kl": "KL between learner and behaviour policy (last step)",
     "rlloop_clip_frac": "fraction of clipped tokens (last step)",
@@ -28,7 +29,7 @@ DESCRIPTIONS = {
 # Which actor role reports each gauge.
 ROLES = {
     "coordinator": ("rlloop_weight_version", "rlloop_reward", "rlloop_lag_max", "rlloop_tok_s", "rlloop_loss",
-                    "rlloop_kl", "rlloop_clip_frac", "rlloop_dropped_stale"),
+                    "rlloop_kl", "rlloop_clip_frac", "rlloop_dropped_stale", "rlloop_eval_accuracy"),
     "engine": ("rlloop_weight_version", "rlloop_update_ms", "rlloop_stall_ms", "rlloop_transfer_gbps",
                "rlloop_in_flight"),
     "learner": ("rlloop_learner_step_ms", "rlloop_learner_tok_s", "rlloop_learner_steps", "rlloop_grad_norm"),

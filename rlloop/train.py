@@ -18,8 +18,8 @@ from rlloop.config import CONFIG_PATH, ConfigError
 
 def run(cfg: DictConfig) -> dict:
     """Run to the end with a progress bar; Ctrl-C finishes the current step and stops."""
-    from rlloop.actors.coordinator import summary_line
     from rlloop.handle import launch_config
+    from rlloop.run_report import summary_line
 
     handle = launch_config(cfg)
     try:

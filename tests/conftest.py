@@ -32,6 +32,44 @@ def probe_prompts() -> list[str]:
     return ["12+7=", "hello world", "The answer is", "3*(4+5)="]
 
 
+# A user's data: GSM8K-style rows, each its own question (ids as the JSONL names them).
+OWN_DATA = [{"id": f"q{i}", "question": f"Tom has {i} apples and buys {i + 3} more. How many apples?",
+             "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"} for i in range(16)]
+OWN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+                     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def own_model(tmp_path_factory):
+    """A model nobody on the project made: a Llama config, and a byte-level BPE tokenizer
+    trained here on the data, with its own chat template and special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("own") / "llama"
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    texts = [r["question"] + " " + r["answer"] for r in OWN_DATA] + ["Solve it step by step."]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = OWN_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    data = path.parent / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in OWN_DATA))
+    return path, data
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))

@@ -19,7 +19,12 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("rollout.reward=rlloop.tasks.rewards:no_such_reward", "rollout.reward"),
                           ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size"),
                           ("trainer.rollouts_ahead=0", "trainer.rollouts_ahead"),
-                          ("trainer.rollouts_ahead=2", "trainer.rollouts_ahead")]:  # max_lag 1 would drop them
+                          ("trainer.rollouts_ahead=2", "trainer.rollouts_ahead"),  # max_lag 1 would drop them
+                          ("eval.fraction=1.5", "eval.fraction"), ("eval.every=0", "eval.every"),
+                          ("eval.path=/nonexistent.jsonl", "eval.path"),
+                          ("rollout.prompt_template='Q: {q}'", "rollout.prompt_template"),
+                          ("rollout.chat_template=/nonexistent.jinja", "rollout.chat_template"),
+                          ("trainer.sft_steps=-1", "trainer.sft_steps")]:
         cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
         try:
             build_run_config(cfg)
@@ -64,3 +69,21 @@ def test_cli_run_that_never_starts_leaves_no_run_directory(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"error: config key 'rollout.jsonl_path': {data}{BAD_DATA[0][1]}"
     assert not (tmp_path / "run").exists()
+
+
+def test_user_data_gets_an_eval_split_and_no_warm_up_unless_asked(tmp_path, own_model):
+    model, data = own_model
+    base = ["+conf=grpo", f"output_dir={tmp_path}", "name=split-test"]
+    assert build_run_config(compose_config(base)).sft_steps == 40, "the tiny random model needs its warm-up"
+    user = [*base, f"model.path={model}", "rollout.task=jsonl", f"rollout.jsonl_path={data}"]
+    run = build_run_config(compose_config([*user, "eval.fraction=0.25"]))
+    assert run.sft_steps == 0 and len(run.eval_problems) == 4 and len(run.problems) == 12
+    assert not {p.id for p in run.problems} & {p.id for p in run.eval_problems}
+    assert build_run_config(compose_config([*user, "trainer.sft_steps=5"])).sft_steps == 5
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(data.read_text().splitlines(keepends=True)[:3]))
+    run = build_run_config(compose_config([*user, f"eval.path={test_file}"]))
+    assert [p.id for p in run.eval_problems] == ["q0", "q1", "q2"], "the eval file's rows, as named"
+    assert [p.id for p in run.problems] == [f"q{i}" for i in range(3, 16)], "its questions leave training"
+    with pytest.raises(ConfigError, match="'eval.fraction': set eval.path or eval.fraction"):
+        build_run_config(compose_config([*user, f"eval.path={test_file}", "eval.fraction=0.1"]))

@@ -33,7 +33,9 @@ from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, 
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import LearnerConfig, Sample
 from rlloop.metrics import report
-from rlloop.tasks.arithmetic import Problem
+from rlloop.run_report import plot_run, summarize, write_jsonl
+from rlloop.tasks.problem import Problem
+from rlloop.tasks.prompts import PromptEncoder, PromptFormat
 from rlloop.tasks.rewards import resolve_reward
 from rlloop.trackers import RunTrackers, hyperparameters, progress_line
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
@@ -45,7 +47,7 @@ class RunConfig:
     name: str
     output_dir: str
     model: str
-    problems: tuple[Problem, ...]
+    problems: tuple[Problem, ...]  # the training split: rollouts and SFT draw from it
     engine: EngineConfig
     learner: LearnerConfig
     engines: int = 1
@@ -75,6 +77,11 @@ class RunConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     resume: str | None = None  # a checkpoint directory (see Coordinator._checkpoint)
     loggers: tuple[str, ...] = ("jsonl",)  # rlloop/trackers.py: jsonl (always), tensorboard, wandb, mlflow
+    prompt: PromptFormat = PromptFormat()
+    eval_problems: tuple[Problem, ...] = ()  # held out: scored greedily, never trained on
+    eval_every: int = 10  # steps (and the last step)
+    eval_max_tokens: int | None = None  # None: max_tokens
+    dump_every: int = 0  # steps; rollouts/step_N.jsonl and eval/step_N.jsonl (0: never)
 
 
 class Coordinator:
@@ -85,6 +92,7 @@ class Coordinator:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.prompts = PromptEncoder(self.tokenizer, cfg.prompt)
         self.rng = random.Random(cfg.seed)
         self.reward = resolve_reward(cfg.reward)
         self.version = 0
@@ -209,7 +217,7 @@ class Coordinator:
         for i in range(cfg.sft_steps):
             self.phase = f"SFT warm-up {i + 1}/{cfg.sft_steps}"
             batch = [self.rng.choice(cfg.problems) for _ in range(cfg.sft_batch)]
-            self.learner.call("sft_step", [self._encode(p.prompt) for p in batch],
+            self.learner.call("sft_step", [self.prompts.ids(p.prompt) for p in batch],
                               [self._encode(p.answer) + [eos] for p in batch])
 
     # --- rollout ----------------------------------------------------------------------
@@ -220,21 +228,40 @@ class Coordinator:
         request of the run has its own sampling seed."""
         cfg = self.cfg
         problems = [self.rng.choice(cfg.problems) for _ in range(cfg.batch_prompts)]
-        encoded = [self._encode(p.prompt) for p in problems]
+        encoded = [self.prompts.ids(p.prompt) for p in problems]
         prompts = [ids for ids in encoded for _ in range(cfg.group_size)]
         seeds = [sampling_seed(cfg.seed, step, first_prompt + g, k) for g in range(cfg.batch_prompts)
                  for k in range(cfg.group_size)]
         sampling = Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        # Whole groups go to one engine, round robin.
+        return self._dispatch(problems, prompts, sampling, seeds, cfg.group_size)
+
+    def _dispatch(self, problems, prompts, sampling, seeds, group_size: int):
+        """Whole groups to one engine, round robin; returns the pending rollout."""
         per_engine = [[] for _ in self.engines]
-        for g in range(cfg.batch_prompts):
+        for g in range(len(problems)):
             per_engine[g % len(self.engines)].append(g)
         futures = []
         for e, groups in zip(self.engines, per_engine):
-            idx = [g * cfg.group_size + k for g in groups for k in range(cfg.group_size)]
-            futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling,
-                                                      [seeds[i] for i in idx])))
+            idx = [g * group_size + k for g in groups for k in range(group_size)]
+            if idx:
+                futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling,
+                                                          [seeds[i] for i in idx])))
         return problems, prompts, sampling, seeds, futures, time.perf_counter()
+
+    def _evaluate(self, step: int) -> dict:
+        """Greedy decoding of every held-out problem on the current weights; the mean
+        reward is eval_accuracy."""
+        cfg = self.cfg
+        problems = list(cfg.eval_problems)
+        prompts = [self.prompts.ids(p.prompt) for p in problems]
+        greedy = Sampling(max_tokens=cfg.eval_max_tokens or cfg.max_tokens, temperature=0.0, logprobs=False)
+        _, _, gens, elapsed = self._gather(self._dispatch(problems, prompts, greedy, [0] * len(problems), 1))
+        rewards = [self.reward(g.text, p.answer) for p, g in zip(problems, gens)]
+        if cfg.dump_every:
+            write_jsonl(self.out / "eval" / f"step_{step}.jsonl", [
+                {"id": p.id, "prompt": self.prompts.text(p.prompt), "completion": g.text, "answer": p.answer,
+                 "reward": r, "weight_version": g.version_end} for p, g, r in zip(problems, gens, rewards)])
+        return {"eval_accuracy": sum(rewards) / len(rewards), "eval_problems": len(problems), "eval_s": elapsed}
 
     def _gather(self, rollout):
         """The rollout's problems, prompts and generations (in prompt order), and its
@@ -294,6 +321,8 @@ class Coordinator:
         flat = self._flat_groups(rewards)
         refilled = self._refill(step, flat, problems, prompts, gens, rewards) if cfg.zero_advantage == "refill" else 0
         adv = group_advantages(rewards, cfg.group_size, cfg.normalize_std)
+        if cfg.dump_every and step % cfg.dump_every == 0:
+            self._dump(step, problems, gens, rewards, adv)
         samples, lags = [], []
         for i, g in enumerate(gens):
             lag = self.version - g.version_start
@@ -312,6 +341,15 @@ class Coordinator:
                          "requests_reissued": self.requests_reissued,
                          "completion_len": tokens / len(gens), "zero_adv_groups": len(flat),
                          "refilled_groups": refilled}
+
+    def _dump(self, step: int, problems, gens, rewards, adv) -> None:
+        """Every sample of the step as the model saw and wrote it, for a user to read."""
+        size = self.cfg.group_size
+        write_jsonl(self.out / "rollouts" / f"step_{step}.jsonl", [
+            {"id": problems[i // size].id, "prompt": self.prompts.text(problems[i // size].prompt),
+             "completion": g.text, "answer": problems[i // size].answer, "reward": rewards[i].item(),
+             "advantage": adv[i].item(), "version_start": g.version_start, "version_end": g.version_end}
+            for i, g in enumerate(gens)])
 
     # --- loop -------------------------------------------------------------------------
 
@@ -335,7 +373,7 @@ class Coordinator:
             raise
         summary = self._summary(time.perf_counter() - t_start)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_rewards(self.history, self.out / "reward.png", cfg.name)
+        plot_run(self.history, cfg.name, self.out / "reward.png")
         trackers.close(plot=self.out / "reward.png")
         return summary
 
@@ -356,12 +394,15 @@ class Coordinator:
             train = self._train(samples) if samples else {}
             woke = self._wake_engines() if cfg.sleep_while_training else {}
             upd = self._push()
+            scored = (self._evaluate(step) if cfg.eval_problems and (step % cfg.eval_every == 0 or last)
+                      else {})
             row = {"step": step, "weight_version": self.version, **roll, **train, **slept, **woke, **upd,
-                   "time_s": time.perf_counter() - t_start}
+                   **scored, "time_s": time.perf_counter() - t_start}
             self.history.append(row)
             report(weight_version=self.version, reward=row["reward_mean"], lag_max=row["lag_max"],
                    tok_s=row["tok_s"], loss=row.get("loss"), kl=row.get("kl_behaviour"),
-                   clip_frac=row.get("clip_frac"), dropped_stale=self.dropped_stale)
+                   clip_frac=row.get("clip_frac"), dropped_stale=self.dropped_stale,
+                   eval_accuracy=row.get("eval_accuracy"))
             trackers.log(row)
             print(progress_line(cfg.name, row, cfg.steps), flush=True)  # to this actor's log (dashboard)
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
@@ -417,17 +458,11 @@ class Coordinator:
         return state["step"] + 1
 
     def _summary(self, wall_s: float) -> dict:
-        r = [h["reward_mean"] for h in self.history]
-        k = max(1, min(10, len(r) // 2))  # first and last k steps never overlap
-        return {"name": self.cfg.name, "steps": len(r), "wall_s": wall_s,
-                "reward_first": sum(r[:k]) / k, "reward_last": sum(r[-k:]) / k, "reward_k": k,
+        return {"name": self.cfg.name, **summarize(self.history), "wall_s": wall_s,
                 "weight_version": self.version, "weights_backend": self.wire, "dropped_stale": self.dropped_stale,
-                "stall_ms_median": _median([h["stall_ms"] for h in self.history if h["stall_ms"] is not None]),
                 "failures": self.failures, "learner_restores": self.learner_restores,
                 "restored_learner_steps": self.restored_learner_steps,
-                "requests_reissued": self.requests_reissued,
-                "tok_s_mean": sum(h["tok_s"] for h in self.history) / max(len(r), 1),
-                "output_dir": str(self.out)}
+                "requests_reissued": self.requests_reissued, "output_dir": str(self.out)}
 
     def shutdown(self) -> None:
         # Leaving the weight group releases its shared segments (shm, ipc wires).
@@ -452,41 +487,3 @@ def sampling_seed(seed: int, step: int, prompt: int, sample: int) -> int:
     two requests of a run share a seed."""
     key = f"{seed}/{step}/{prompt}/{sample}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # int64
-
-
-def _median(values: list[float]) -> float | None:
-    return sorted(values)[len(values) // 2] if values else None
-
-
-def plot_rewards(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [h["reward_mean"] for h in history], label="reward (mean)")
-    w = 5
-    if len(history) >= w:
-        r = [h["reward_mean"] for h in history]
-        ax.plot(steps[w - 1:], [sum(r[i - w + 1:i + 1]) / w for i in range(w - 1, len(r))],
-                label=f"{w}-step average")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summary_line(summary: dict) -> str:
-    return (f"{summary['name']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, reward "
-            f"{summary['reward_first']:.2f} (first {summary['reward_k']}) -> {summary['reward_last']:.2f} "
-            f"(last {summary['reward_k']}), "
-            f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median'] or 0:.0f} ms, "
-            f"{summary['tok_s_mean']:.0f} tok/s; {summary['output_dir']}")
-
-

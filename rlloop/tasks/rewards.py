@@ -14,6 +14,8 @@ Reward = Callable[[str, str], float]
 
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
 _GSM_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_MARKED = re.compile(r"####\s*-?[\d,]*\.?\d|\\boxed\{[^{}]*\S[^{}]*\}|answer is\s*:?\s*\$?-?[\d.,]*\d", re.IGNORECASE)
+FORMAT_WEIGHT = 0.1  # math_format_reward: the share of the reward paid for the format alone
 # A final answer sits at the end of a completion; parsing only the tail bounds the
 # verifier's work (it runs without its signal timeout, which needs the main thread).
 _TAIL_CHARS = 512
@@ -45,6 +47,19 @@ def math_reward(completion: str, answer: str) -> float:
         return 0.0
     gold = parse(answer, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
     return float(bool(gold) and verify(gold, found, timeout_seconds=None))
+
+
+def format_reward(completion: str, answer: str) -> float:
+    """1.0 when the completion marks a final answer (`#### N`, `\\boxed{...}` or "the
+    answer is N"), right or wrong; `answer` is unused."""
+    return float(bool(_MARKED.search(completion[-_TAIL_CHARS:])))
+
+
+def math_format_reward(completion: str, answer: str) -> float:
+    """math_reward, with FORMAT_WEIGHT of it paid for a marked final answer: 1.0 right,
+    0.1 marked but wrong, 0.0 neither."""
+    correct = math_reward(completion, answer)
+    return correct if correct else FORMAT_WEIGHT * format_reward(completion, answer)
 
 
 def resolve_reward(spec: str) -> Reward:

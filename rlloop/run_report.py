@@ -1,0 +1,77 @@
+"""What a run reports from its per-step rows: the summary and its one-line form, the
+reward curve (reward.png, and RunHandle.plot), and JSONL dumps of what the model saw
+and wrote. The coordinator and the notebook handle both use it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def summarize(history: list[dict]) -> dict:
+    r = [h["reward_mean"] for h in history]
+    k = max(1, min(10, len(r) // 2))  # first and last k steps never overlap
+    stalls = sorted(h["stall_ms"] for h in history if h.get("stall_ms") is not None)
+    out = {"steps": len(r), "reward_first": sum(r[:k]) / max(len(r[:k]), 1),
+           "reward_last": sum(r[-k:]) / max(len(r[-k:]), 1), "reward_k": k,
+           "stall_ms_median": stalls[len(stalls) // 2] if stalls else None,
+           "tok_s_mean": sum(h["tok_s"] for h in history) / max(len(r), 1)}
+    evals = [h for h in history if h.get("eval_accuracy") is not None]
+    if evals:
+        out.update(eval_first=evals[0]["eval_accuracy"], eval_last=evals[-1]["eval_accuracy"],
+                   eval_best=max(h["eval_accuracy"] for h in evals), eval_problems=evals[-1]["eval_problems"])
+    return out
+
+
+def summary_line(summary: dict) -> str:
+    k = summary["reward_k"]
+    held_out = (f", eval {summary['eval_first']:.2f} -> {summary['eval_last']:.2f} on "
+                f"{summary['eval_problems']} held-out problems" if "eval_last" in summary else "")
+    return (f"{summary['name']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train reward "
+            f"{summary['reward_first']:.2f} (first {k}) -> {summary['reward_last']:.2f} (last {k}){held_out}, "
+            f"weights v{summary['weight_version']}, median stall {summary['stall_ms_median'] or 0:.0f} ms, "
+            f"{summary['tok_s_mean']:.0f} tok/s; {summary['output_dir']}")
+
+
+def draw(history: list[dict], title: str, axes) -> None:
+    """Training reward (and its 5-step average) on axes[0]; with a second axis and an
+    eval split, the held-out accuracy on axes[1]."""
+    steps = [h["step"] for h in history]
+    r = [h["reward_mean"] for h in history]
+    ax = axes[0]
+    ax.plot(steps, r, label="reward (mean)")
+    w = 5
+    if len(r) >= w:
+        ax.plot(steps[w - 1:], [sum(r[i - w + 1:i + 1]) / w for i in range(w - 1, len(r))], label=f"{w}-step average")
+    ax.set(xlabel="step", ylabel="train reward", ylim=(-0.02, 1.02), title=title)
+    ax.legend(loc="lower right")
+    if len(axes) > 1:
+        evals = [h for h in history if h.get("eval_accuracy") is not None]
+        axes[1].plot([h["step"] for h in evals], [h["eval_accuracy"] for h in evals], "o-", color="C2",
+                     label="held-out accuracy (greedy)")
+        axes[1].set(xlabel="step", ylabel="eval accuracy", ylim=(-0.02, 1.02), title="eval split")
+        axes[1].legend(loc="lower right")
+
+
+def plot_run(history: list[dict], title: str, path: Path | None = None):
+    """One panel, or two when the run has an eval split; saved to `path` if given."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if any(h.get("eval_accuracy") is not None for h in history) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), squeeze=False)
+    draw(history, title, list(axes[0]))
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
