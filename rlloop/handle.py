@@ -67,6 +67,7 @@ class RunHandle:
 
             from rlloop.run_report import summary_line
 
+            held_out = {}  # the last eval accuracy seen, shown until the next
             with tqdm(total=self.config.steps, desc=self.config.name, unit="step",
                       disable=not progress) as bar:
                 while True:
@@ -74,9 +75,13 @@ class RunHandle:
                     p = ray.get(self.coordinator.progress.remote(bar.n))
                     for row in p["rows"]:  # to train.log under the CLI (Hydra's file handler)
                         log.info(progress_line(self.config.name, row, self.config.steps))
+                        if row.get("eval_accuracy") is not None:
+                            held_out = {"eval": f"{row['eval_accuracy']:.2f}"}
                     bar.update(p["step"] - bar.n)
                     if p["last"]:
-                        bar.set_postfix(reward=f"{p['last']['reward_mean']:.2f}", v=p["last"]["weight_version"])
+                        bar.set_postfix(reward=f"{p['last']['reward_mean']:.2f}", v=p["last"]["weight_version"],
+                                        **held_out,
+                                        **({} if p["phase"] == "training" else {"now": p["phase"]}))
                     else:  # engine start and warm-up take a while: say which
                         bar.set_postfix_str(p["phase"])
                     if ready:

@@ -180,4 +180,5 @@ def progress_line(name: str, row: dict, steps: int) -> str:
     loss = row.get("loss")
     return (f"[rlloop] {name} step {row['step'] + 1}/{steps}: reward {row['reward_mean']:.3f}, "
             f"loss {'-' if loss is None else f'{loss:.4f}'}, weights v{row['weight_version']}, "
-            f"lag {row['lag_max']}, {row['tok_s']:.0f} tok/s, {row['time_s']:.1f} s")
+            f"lag {row['lag_max']}, {row['tok_s']:.0f} tok/s, {row['time_s']:.1f} s"
+            + (f", eval {row['eval_accuracy']:.3f}" if row.get("eval_accuracy") is not None else ""))

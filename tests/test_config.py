@@ -87,3 +87,14 @@ def test_user_data_gets_an_eval_split_and_no_warm_up_unless_asked(tmp_path, own_
     assert [p.id for p in run.problems] == [f"q{i}" for i in range(3, 16)], "its questions leave training"
     with pytest.raises(ConfigError, match="'eval.fraction': set eval.path or eval.fraction"):
         build_run_config(compose_config([*user, f"eval.path={test_file}", "eval.fraction=0.1"]))
+
+
+def test_the_gsm8k_recipe_takes_a_users_model_and_data(tmp_path, own_model):
+    model, data = own_model
+    run = build_run_config(compose_config(["+conf=grpo_gsm8k", f"output_dir={tmp_path}", f"model.path={model}",
+                                           f"rollout.jsonl_path={data}"]))
+    assert run.reward == "rlloop.tasks.rewards:math_format_reward" and run.sft_steps == 0
+    assert run.max_tokens >= 256 and run.prompt.system_prompt and run.prompt.chat_template == "auto"
+    assert len(run.eval_problems) == 2 and len(run.problems) == 14
+    with pytest.raises(ConfigError, match="'rollout.jsonl_path'"):
+        build_run_config(compose_config(["+conf=grpo_gsm8k", f"output_dir={tmp_path}", f"model.path={model}"]))

@@ -253,6 +253,7 @@ class Coordinator:
         reward is eval_accuracy."""
         cfg = self.cfg
         problems = list(cfg.eval_problems)
+        self.phase = f"eval on {len(problems)} held-out problems"
         prompts = [self.prompts.ids(p.prompt) for p in problems]
         greedy = Sampling(max_tokens=cfg.eval_max_tokens or cfg.max_tokens, temperature=0.0, logprobs=False)
         _, _, gens, elapsed = self._gather(self._dispatch(problems, prompts, greedy, [0] * len(problems), 1))
@@ -261,6 +262,7 @@ class Coordinator:
             write_jsonl(self.out / "eval" / f"step_{step}.jsonl", [
                 {"id": p.id, "prompt": self.prompts.text(p.prompt), "completion": g.text, "answer": p.answer,
                  "reward": r, "weight_version": g.version_end} for p, g, r in zip(problems, gens, rewards)])
+        self.phase = "training"
         return {"eval_accuracy": sum(rewards) / len(rewards), "eval_problems": len(problems), "eval_s": elapsed}
 
     def _gather(self, rollout):
@@ -437,6 +439,7 @@ class Coordinator:
         """HF safetensors policy + tokenizer (a directory engines can start from),
         optimizer state, and the run state needed to continue the curve."""
         path = self.out / "checkpoints" / f"step_{step + 1:06d}"
+        self.phase = f"writing checkpoint {path.name}"
         path.mkdir(parents=True, exist_ok=True)
         self.learner.call("save", str(path))
         self.tokenizer.save_pretrained(path)
@@ -444,6 +447,7 @@ class Coordinator:
         state = {"step": step, "version": self.version, "dropped_stale": self.dropped_stale,
                  "rng": self.rng.getstate(), "history": self.history}
         (path / "run_state.json").write_text(json.dumps(state))
+        self.phase = "training"
         return path
 
     def _restore(self) -> int:
