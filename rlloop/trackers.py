@@ -45,7 +45,7 @@ def tracker_paths(out_dir: str, names) -> dict[str, str]:
 
 def hyperparameters(run_cfg) -> dict[str, int | float | str | bool]:
     """The run config flattened to dotted keys ("learner.objective.clip_low"), values
-    that every tracker accepts; the problem set is given by its size."""
+    that every tracker accepts; a problem set (training, eval) is given by its size."""
     flat: dict[str, int | float | str | bool] = {}
 
     def walk(prefix: str, value) -> None:
@@ -59,7 +59,7 @@ def hyperparameters(run_cfg) -> dict[str, int | float | str | bool]:
 
     for f in dataclasses.fields(run_cfg):
         value = getattr(run_cfg, f.name)
-        walk(f"{f.name}.", len(value) if f.name == "problems" else value)
+        walk(f"{f.name}.", len(value) if f.name in ("problems", "eval_problems") else value)
     return flat
 
 

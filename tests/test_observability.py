@@ -47,7 +47,7 @@ def observed(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("observed")
     handle = launch_config(compose_config([
         "+conf=grpo", f"output_dir={out}", f"name={RUN}", f"trainer.steps={STEPS}", "trainer.sft_steps=10",
-        "trainer.loggers=[jsonl,tensorboard,wandb,mlflow]"]))
+        "eval.fraction=0.1", "trainer.loggers=[jsonl,tensorboard,wandb,mlflow]"]))
     seen: dict[tuple[str, str], float] = {}
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -144,7 +144,11 @@ def test_wandb_offline_run_holds_the_same_reward_series(observed):
         elif record.HasField("run"):
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
     assert history == _jsonl_rewards(observed["out"])
-    assert config["name"] == RUN and config["learner.lr"] == 5e-4 and config["problems"] == 1000
+    run_cfg = observed["handle"].config
+    assert config["name"] == RUN and config["learner.lr"] == 5e-4
+    # sizes, not the problems: 10 of arithmetic's 100 questions are held out, with their rows
+    assert config["eval_problems"] == len(run_cfg.eval_problems) == 10
+    assert config["problems"] == len(run_cfg.problems) and 800 < config["problems"] < 1000
     assert images == ["image-file"]
 
 
