@@ -61,6 +61,9 @@ def build_run_config(cfg: DictConfig):
         raise ConfigError(f"config key 'rollout.reward': {reward} needs the package {e.name!r} "
                           "(pip install -e '.[math]' for math_reward)") from None
     need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
+    sft_target = need("trainer.sft_target_reward", lambda v: v is None or isinstance(v, (int, float)),
+                      "must be null or a number")
+    sft_every = need("trainer.sft_check_every", pos_int, "must be a positive integer")
     task = need("rollout.task", lambda v: v in ("arithmetic", "jsonl"), "must be arithmetic or jsonl")
     loggers = tuple(need("trainer.loggers", lambda v: OmegaConf.is_list(v) and set(v) <= set(TRACKERS),
                          f"must be a list of {', '.join(TRACKERS)}"))
@@ -106,6 +109,7 @@ def build_run_config(cfg: DictConfig):
                               backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
                               micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
         engines=engines, steps=steps, sft_steps=sft_steps(cfg, task), sft_batch=cfg.trainer.sft_batch,
+        sft_target_reward=sft_target, sft_check_every=sft_every,
         batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens, reward=reward,
         temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
         sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,

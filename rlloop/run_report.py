@@ -4,6 +4,7 @@ and wrote. The coordinator and the notebook handle both use it."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -20,6 +21,43 @@ def summarize(history: list[dict]) -> dict:
         out.update(eval_first=evals[0]["eval_accuracy"], eval_last=evals[-1]["eval_accuracy"],
                    eval_best=max(h["eval_accuracy"] for h in evals), eval_problems=evals[-1]["eval_problems"])
     return out
+
+
+TARGET_WINDOW = 5  # steps averaged for time-to-reward
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def mode_numbers(rows: list[dict], summary: dict | None, target: float) -> dict:
+    """What a user compares between runs (scripts/compare_modes.py), from a run's
+    metrics.jsonl rows and summary.json (None: the run was stopped before its end):
+    steps/hour over the GRPO steps, startup and SFT apart; medians; and the wall time
+    until TARGET_WINDOW consecutive steps average `target` reward."""
+    t = [r["time_s"] for r in rows]
+    grpo_start = t[0] - (t[1] - t[0]) if len(t) > 1 else 0.0  # step 0 began about one step before it ended
+    steady = (len(t) - 1) / (t[-1] - t[0]) * 3600 if len(t) > 1 else None
+    rewards = [r["reward_mean"] for r in rows]
+    reached = next((i for i in range(TARGET_WINDOW - 1, len(rows))
+                    if sum(rewards[i - TARGET_WINDOW + 1:i + 1]) / TARGET_WINDOW >= target), None)
+    k = min(10, len(rows) // 2) or 1
+    return {
+        "steps": len(rows), "steps_per_hour": steady, "startup_and_sft_s": grpo_start,
+        "gen_tok_s_median": _median(rows, "tok_s"), "learner_tok_s_median": _median(rows, "learner_tok_s"),
+        "update_ms_median": _median(rows, "update_ms"), "stall_ms_median": _median(rows, "stall_ms"),
+        "train_ms_median": _median(rows, "train_ms"), "logprob_gap_median": _median(rows, "logprob_gap"),
+        "reward_first10": sum(rewards[:k]) / k, "reward_last10": sum(rewards[-k:]) / k,
+        "eval_last": next((r["eval_accuracy"] for r in reversed(rows) if r.get("eval_accuracy") is not None), None),
+        "reward_target": target, "target_step": reached,
+        "time_to_target_s": rows[reached]["time_s"] if reached is not None else None,
+        "grpo_time_to_target_s": rows[reached]["time_s"] - grpo_start if reached is not None else None,
+        "samples_min": min(r["samples"] for r in rows), "generated_min": min(r["generated"] for r in rows),
+        "weight_version": summary["weight_version"] if summary else None,
+        "sft_checks": summary.get("sft_checks") if summary else None,
+        "wall_s": summary["wall_s"] if summary else None, "finished": summary is not None,
+    }
 
 
 def summary_line(summary: dict) -> str:

@@ -98,3 +98,17 @@ def test_the_gsm8k_recipe_takes_a_users_model_and_data(tmp_path, own_model):
     assert len(run.eval_problems) == 2 and len(run.problems) == 14
     with pytest.raises(ConfigError, match="'rollout.jsonl_path'"):
         build_run_config(compose_config(["+conf=grpo_gsm8k", f"output_dir={tmp_path}", f"model.path={model}"]))
+
+
+def test_the_gpu_recipe_is_colocated_and_warms_up_until_samples_earn_reward(tmp_path, own_model):
+    model, _ = own_model
+    run = build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}"]))
+    assert run.model == str(model)  # model.path wins over the recipe's preset
+    assert run.engine_gpus == run.learner_gpus == 0.5 and run.backend == "auto" and run.pipelined
+    assert run.sft_target_reward == 0.3 and run.sft_steps >= run.sft_check_every
+    assert run.learner.backend == "megatron" and run.learner.dtype == "bfloat16"
+    assert all(int(a) <= 99 and int(b) <= 99 for a, b in (p.prompt[:-1].split("+") for p in run.problems))
+    assert 150 <= len(run.eval_problems) <= 250  # 2% of the 10,000 distinct two-digit sums
+    with pytest.raises(ConfigError, match="'trainer.sft_check_every'"):
+        build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}",
+                                          "trainer.sft_check_every=0"]))

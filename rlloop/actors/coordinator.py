@@ -54,6 +54,8 @@ class RunConfig:
     steps: int = 20
     sft_steps: int = 0
     sft_batch: int = 64
+    sft_target_reward: float | None = None  # end the warm-up once a rollout's mean reward reaches it
+    sft_check_every: int = 25  # SFT steps between those rollouts
     batch_prompts: int = 16
     group_size: int = 4
     max_tokens: int = 8
@@ -103,6 +105,8 @@ class Coordinator:
         self.learner_came_back = False  # during a recovery: the learner was restarted
         self.restored_learner_steps: int | None = None  # optimizer steps of the checkpoint last restored
         self.requests_reissued = 0
+        self.sft_checks: list[dict] = []  # sampled reward during the SFT warm-up (sft_target_reward)
+        self.sft_loss: float | None = None  # of the last SFT step
         self.last_checkpoint: Path | None = None
         self.stop_requested = False
         self.phase = "starting engines and learner"  # what the run is doing before its first step
@@ -212,13 +216,35 @@ class Coordinator:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _sft(self) -> None:
+        """Supervised warm-up on the training split: sft_steps, or fewer once a rollout
+        of the current weights reaches sft_target_reward (checked before the first step
+        and every sft_check_every), so a model built from scratch starts GRPO earning
+        reward and one that already earns it is not trained on answers at all."""
         cfg = self.cfg
         eos = self.tokenizer.eos_token_id
-        for i in range(cfg.sft_steps):
-            self.phase = f"SFT warm-up {i + 1}/{cfg.sft_steps}"
+        for i in range(cfg.sft_steps + 1):
+            if cfg.sft_target_reward is not None and (i % cfg.sft_check_every == 0 or i == cfg.sft_steps):
+                if self._sampled_reward(i) >= cfg.sft_target_reward:
+                    break
+            if i == cfg.sft_steps:
+                break
+            self.phase = f"SFT warm-up {i + 1}/{cfg.sft_steps}" + (
+                f" (sampled reward {self.sft_checks[-1]['reward']:.2f})" if self.sft_checks else "")
             batch = [self.rng.choice(cfg.problems) for _ in range(cfg.sft_batch)]
-            self.learner.call("sft_step", [self.prompts.ids(p.prompt) for p in batch],
-                              [self._encode(p.answer) + [eos] for p in batch])
+            self.sft_loss = self.learner.call("sft_step", [self.prompts.ids(p.prompt) for p in batch],
+                                              [self._encode(p.answer) + [eos] for p in batch])["sft_loss"]
+
+    def _sampled_reward(self, sft_step: int) -> float:
+        """Mean reward of one rollout on the learner's current weights (sent first)."""
+        self._push()
+        # A negative step: these requests' sampling seeds differ from every GRPO step's.
+        problems, _, gens, _ = self._gather(self._submit_rollout(-1 - sft_step))
+        reward = self._rewards(problems, gens).mean().item()
+        self.sft_checks.append({"sft_step": sft_step, "sft_loss": self.sft_loss, "reward": reward})
+        loss = "-" if self.sft_loss is None else f"{self.sft_loss:.3f}"
+        print(f"[rlloop] {self.cfg.name} SFT {sft_step}/{self.cfg.sft_steps}: loss {loss}, "
+              f"sampled reward {reward:.3f} (target {self.cfg.sft_target_reward})", flush=True)
+        return reward
 
     # --- rollout ----------------------------------------------------------------------
 
@@ -466,7 +492,8 @@ class Coordinator:
                 "weight_version": self.version, "weights_backend": self.wire, "dropped_stale": self.dropped_stale,
                 "failures": self.failures, "learner_restores": self.learner_restores,
                 "restored_learner_steps": self.restored_learner_steps,
-                "requests_reissued": self.requests_reissued, "output_dir": str(self.out)}
+                "requests_reissued": self.requests_reissued, "sft_checks": self.sft_checks,
+                "output_dir": str(self.out)}
 
     def shutdown(self) -> None:
         # Leaving the weight group releases its shared segments (shm, ipc wires).

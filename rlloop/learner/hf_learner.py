@@ -75,6 +75,7 @@ class HFLearner(PolicyLearner):
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
+        self.sent_version = request.version
         tensors = self._tensors()
         self.sender.check(request, tensors)
         return self.sender.send(request, tensors)

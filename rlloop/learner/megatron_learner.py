@@ -359,6 +359,7 @@ class MegatronLearner(PolicyLearner):
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
         if request.plan.params != self.hf_params:
             raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
+        self.sent_version = request.version
         if self.dp_rank != 0:
             return {}
         order = self._export_order(request.plan)

@@ -89,6 +89,7 @@ class PolicyLearner:
         return items
 
     dp_size = 1  # data-parallel ranks; each one's gradients are averaged over them
+    sent_version: int | None = None  # version of the weights this learner last sent (and still holds)
 
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over data-parallel ranks; one rank: itself."""
@@ -154,6 +155,7 @@ class PolicyLearner:
         sums: dict[str, float] = {}
         maxes: dict[str, float] = {}
         grad_norms = []
+        gap = torch.zeros(2, dtype=torch.float64)  # sum and count of logprob_gap's tokens
         for j, mini in enumerate(parts):
             counts = self.dp_sum(torch.tensor([float(sum(len(s.completion_ids) for s in minis[j])),
                                                float(len(minis[j]))], dtype=torch.float64))
@@ -162,6 +164,8 @@ class PolicyLearner:
             for i, part in enumerate(mini):
                 ids, comp, behaviour, adv = self._tensors(part)
                 logp, entropy = self.token_logprobs(ids)
+                if j == 0:
+                    gap += self._logprob_gap(part, logp, behaviour, comp)
                 anchor, is_weight, metrics = behaviour, None, {}
                 if proximal is not None:
                     anchor = proximal[j][i]
@@ -192,10 +196,25 @@ class PolicyLearner:
         if maxes:
             keys = sorted(maxes)
             out.update(zip(keys, self.dp_max(torch.tensor([maxes[x] for x in keys], dtype=torch.float64)).tolist()))
-        result = {**out, "grad_norm": sum(grad_norms) / k, "train_ms": (time.perf_counter() - t0) * 1e3}
-        report(learner_step_ms=result["train_ms"], grad_norm=result["grad_norm"], learner_steps=self.steps,
-               learner_tok_s=sum(len(s.completion_ids) for s in samples) / result["train_ms"] * 1e3)
+        gap_sum, gap_n = self.dp_sum(gap).tolist()
+        if gap_n:
+            out["logprob_gap"] = gap_sum / gap_n
+        train_ms = (time.perf_counter() - t0) * 1e3
+        result = {**out, "grad_norm": sum(grad_norms) / k, "train_ms": train_ms,
+                  "learner_tok_s": sum(len(s.completion_ids) for s in samples) / train_ms * 1e3}
+        report(learner_step_ms=train_ms, grad_norm=result["grad_norm"], learner_steps=self.steps,
+               learner_tok_s=result["learner_tok_s"])
         return result
+
+    def _logprob_gap(self, part: list[Sample], logp, behaviour, comp) -> torch.Tensor:
+        """(sum, count) of |learner - engine| token log-probs over the samples generated
+        wholly under the weights this learner holds (its last send): the numerical drift
+        between the two stacks (bf16 kernels), with no policy change mixed in."""
+        fresh = torch.tensor([s.version_start == s.version_end == self.sent_version for s in part],
+                             device=comp.device)
+        mask = comp & fresh[:, None]
+        gap = ((logp.detach() - behaviour).abs() * mask).sum()
+        return torch.stack([gap.double().cpu(), mask.sum().double().cpu()])
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """The policy's log-prob of each completion token (no training)."""

@@ -13,6 +13,9 @@ QWEN2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act=
              bos_token_id=0, eos_token_id=0, attention_dropout=0.0, use_sliding_window=False)
 
 PRESETS = {
+    "qwen2.5-0.5b": dict(QWEN2, vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(QWEN2, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          tie_word_embeddings=True),
