@@ -47,7 +47,7 @@ def observed(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("observed")
     handle = launch_config(compose_config([
         "+conf=grpo", f"output_dir={out}", f"name={RUN}", f"trainer.steps={STEPS}", "trainer.sft_steps=10",
-        "eval.fraction=0.1", "trainer.loggers=[jsonl,tensorboard,wandb,mlflow]"]))
+        "trainer.sft_target_reward=2", "trainer.sft_check_every=5", "eval.fraction=0.1", "trainer.loggers=[jsonl,tensorboard,wandb,mlflow]"]))
     seen: dict[tuple[str, str], float] = {}
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -83,6 +83,16 @@ def test_every_gauge_is_labelled_with_the_run_and_its_role(observed):
     assert seen[("rlloop_learner_steps", "learner")] == trained > 0
     assert seen[("rlloop_learner_step_ms", "learner")] > 0 and seen[("rlloop_learner_tok_s", "learner")] > 0
     assert seen[("rlloop_weight_version", "coordinator")] == observed["summary"]["weight_version"]
+
+
+def test_sft_warm_up_samples_on_the_engine_at_each_check_until_its_last_step(observed):
+    """A target no reward reaches: every check runs, before the first SFT step, every
+    sft_check_every steps and after the last; each one's rollout is on the current weights."""
+    checks = observed["summary"]["sft_checks"]
+    assert [c["sft_step"] for c in checks] == [0, 5, 10]
+    assert checks[0]["sft_loss"] is None and all(c["sft_loss"] > 0 for c in checks[1:])
+    assert all(0 <= c["reward"] <= 1 for c in checks)
+    assert observed["summary"]["weight_version"] == len(checks) + 1 + STEPS
 
 
 def _jsonl_rewards(out: Path) -> dict[int, float]:

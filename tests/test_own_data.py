@@ -27,7 +27,8 @@ def test_own_model_sees_its_chat_template_and_is_scored_on_held_out_rows_only(tm
         f"rollout.jsonl_path={data}", "rollout.reward=rlloop.tasks.rewards:math_reward",
         f"rollout.system_prompt='{SYSTEM}'", "rollout.batch_prompts=4", "rollout.group_size=2",
         "rollout.max_tokens=6", "rollout.dump_every=1", "eval.fraction=0.25", "eval.every=2",
-        "trainer.steps=3", "learner.backend=hf", "engines.max_num_seqs=16"]))
+        "trainer.steps=3", "learner.backend=hf", "engines.max_num_seqs=16",
+        "trainer.sft_steps=20", "trainer.sft_target_reward=0.0"]))
 
     tok = AutoTokenizer.from_pretrained(model)
     questions = {p.id: p.prompt for p in jsonl_problems(data)}
@@ -52,3 +53,8 @@ def test_own_model_sees_its_chat_template_and_is_scored_on_held_out_rows_only(tm
     assert all(r["eval_problems"] == 4 for r in rows if "eval_problems" in r)
     assert summary["eval_problems"] == 4 and summary["eval_last"] == rows[-1]["eval_accuracy"]
     assert (out / "reward.png").stat().st_size > 1000
+    # The model already earns the warm-up's target at its first check: no SFT step, one
+    # extra weight version (the check's), then the first push and one per step.
+    [check] = summary["sft_checks"]
+    assert check["sft_step"] == 0 and check["sft_loss"] is None and check["reward"] >= 0.0
+    assert summary["weight_version"] == 1 + 1 + 3
