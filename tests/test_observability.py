@@ -51,10 +51,11 @@ def observed(ray_cluster, tmp_path_factory):
     seen: dict[tuple[str, str], float] = {}
     deadline = time.time() + 600
     while time.time() < deadline:
-        # Ray pushes gauges to its metrics agent every few seconds: keep scraping after
-        # the last step (for 30 s at most) until each has arrived.
+        # Ray pushes gauges to its metrics agent every few seconds (later on a loaded
+        # machine): keep scraping after the last step, for 120 s at most, until each
+        # has arrived. The last step's gauges (eval, learner) are set a second before it.
         if handle.done():
-            deadline = min(deadline, time.time() + 30)
+            deadline = min(deadline, time.time() + 120)
         try:
             for gauge, labels, value in _scrape():
                 if labels.get("run") == RUN:
