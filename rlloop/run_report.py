@@ -42,14 +42,14 @@ def mode_numbers(rows: list[dict], summary: dict | None, target: float) -> dict:
     rewards = [r["reward_mean"] for r in rows]
     reached = next((i for i in range(TARGET_WINDOW - 1, len(rows))
                     if sum(rewards[i - TARGET_WINDOW + 1:i + 1]) / TARGET_WINDOW >= target), None)
-    curve = summarize(rows)
+    k = min(10, len(rows) // 2) or 1
     return {
         "steps": len(rows), "steps_per_hour": steady, "startup_and_sft_s": grpo_start,
         "gen_tok_s_median": _median(rows, "tok_s"), "learner_tok_s_median": _median(rows, "learner_tok_s"),
         "update_ms_median": _median(rows, "update_ms"), "stall_ms_median": _median(rows, "stall_ms"),
         "train_ms_median": _median(rows, "train_ms"), "logprob_gap_median": _median(rows, "logprob_gap"),
-        "reward_first10": curve["reward_first"], "reward_last10": curve["reward_last"],
-        "eval_last": curve.get("eval_last"),
+        "reward_first10": sum(rewards[:k]) / k, "reward_last10": sum(rewards[-k:]) / k,
+        "eval_last": next((r["eval_accuracy"] for r in reversed(rows) if r.get("eval_accuracy") is not None), None),
         "reward_target": target, "target_step": reached,
         "time_to_target_s": rows[reached]["time_s"] if reached is not None else None,
         "grpo_time_to_target_s": rows[reached]["time_s"] - grpo_start if reached is not None else None,

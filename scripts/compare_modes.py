@@ -30,8 +30,6 @@ from pathlib import Path
 from rlloop.run_report import mode_numbers
 
 MODES = {"synchronous": ["trainer.pipelined=false"], "pipelined": ["trainer.pipelined=true"]}
-
-
 def run_mode(mode: str, overrides: list[str], out: Path, timeout_s: float) -> tuple[list[dict], dict | None]:
     run_dir = out / mode
     cmd = [sys.executable, "-m", "rlloop.train", *overrides, *MODES[mode], f"output_dir={run_dir}",

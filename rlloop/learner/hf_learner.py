@@ -75,9 +75,9 @@ class HFLearner(PolicyLearner):
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
+        self.sent_version = request.version
         tensors = self._tensors()
         self.sender.check(request, tensors)
-        self.sent_version = request.version
         return self.sender.send(request, tensors)
 
     def save(self, path: str) -> None:
