@@ -7,9 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
-# From a checkout (or an editable install) use the repo's conf/; a wheel ships it as rlloop.conf.
-CONFIG_PATH = str(_REPO_CONF) if _REPO_CONF.is_dir() else "pkg://rlloop.conf"
+from rlloop.defaults import CONF_DIR
 
 
 class ConfigError(ValueError):
@@ -18,10 +16,12 @@ class ConfigError(ValueError):
 
 def build_run_config(cfg: DictConfig):
     """Turn the Hydra config into typed dataclasses; a bad value names its key."""
-    from rlloop.actors.coordinator import RunConfig
-    from rlloop.actors.engine import EngineConfig
+    from rlloop.actors.engine_io import EngineConfig
     from rlloop.learner.policy import LearnerConfig, resolve_loss
     from rlloop.models.tiny import build_tiny_model
+    from rlloop.plugins import import_function
+    from rlloop.run_config import (EnginesConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig,
+                                   WeightsConfig)
     from rlloop.tasks.arithmetic import arithmetic_problems
     from rlloop.tasks.rewards import resolve_reward
     from rlloop.trackers import TRACKERS, missing_package
@@ -60,6 +60,11 @@ def build_run_config(cfg: DictConfig):
     except ImportError as e:
         raise ConfigError(f"config key 'rollout.reward': {reward} needs the package {e.name!r} "
                           "(pip install -e '.[math]' for math_reward)") from None
+    rollout_fn = need("rollout.function", lambda v: isinstance(v, str), "must be a module:function string")
+    try:
+        import_function(rollout_fn, "rollout function")
+    except ValueError as e:
+        raise ConfigError(f"config key 'rollout.function': {e}") from None
     need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
     sft_target = need("trainer.sft_target_reward", lambda v: v is None or isinstance(v, (int, float)),
                       "must be null or a number")
@@ -97,29 +102,34 @@ def build_run_config(cfg: DictConfig):
     if sleep and (cfg.trainer.pipelined or not torch.cuda.is_available()):
         raise ConfigError("config key 'engines.sleep_while_training': needs a GPU (vLLM sleep mode) and "
                           "trainer.pipelined=false (a sleeping engine cannot generate the next rollout)")
+    engine = EngineConfig(model=model, dtype=cfg.model.dtype, tensor_parallel_size=e.tensor_parallel_size,
+                          gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
+                          max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
+                          receive_mode=e.receive_mode, enable_sleep_mode=sleep)
+    learner = cfg.learner
     return RunConfig(
-        name=str(cfg.name), output_dir=str(out), model=model, problems=tuple(problems),
-        engine=EngineConfig(model=model, dtype=cfg.model.dtype, tensor_parallel_size=e.tensor_parallel_size,
-                            gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
-                            max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
-                            receive_mode=e.receive_mode, enable_sleep_mode=sleep),
-        learner=LearnerConfig(model=model, lr=cfg.learner.lr, sft_lr=cfg.learner.sft_lr,
-                              max_grad_norm=cfg.learner.max_grad_norm, objective=objective,
-                              ppo_mini_batches=cfg.learner.ppo_mini_batches, seed=cfg.seed, dtype=cfg.learner.dtype,
-                              backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
-                              micro_batch_size=cfg.learner.micro_batch_size, loss=cfg.learner.loss),
-        engines=engines, steps=steps, sft_steps=sft_steps(cfg, task), sft_batch=cfg.trainer.sft_batch,
-        sft_target_reward=sft_target, sft_check_every=sft_every,
-        batch_prompts=cfg.rollout.batch_prompts, group_size=group, max_tokens=cfg.rollout.max_tokens, reward=reward,
-        temperature=cfg.rollout.temperature, normalize_std=cfg.rollout.normalize_std,
-        sleep_while_training=sleep, max_lag=cfg.rollout.max_lag, zero_advantage=cfg.rollout.zero_advantage,
-        refill_rounds=cfg.rollout.refill_rounds, pipelined=cfg.trainer.pipelined,
-        rollouts_ahead=cfg.trainer.rollouts_ahead, bucket_mb=cfg.weights.bucket_mb,
-        backend=cfg.weights.backend, timeout_s=cfg.weights.timeout_s, seed=cfg.seed,
-        checkpoint_every=cfg.trainer.checkpoint_every, resume=resume, learner_gpus=cfg.learner.gpus, engine_gpus=cfg.engines.num_gpus,
-        engine_restarts=cfg.engines.max_restarts, learner_restarts=cfg.learner.max_restarts, loggers=loggers,
-        prompt=prompt, eval_problems=tuple(eval_problems), eval_every=cfg.eval.every,
-        eval_max_tokens=cfg.eval.max_tokens, dump_every=cfg.rollout.dump_every)
+        name=str(cfg.name), output_dir=str(out), model=model, seed=cfg.seed, resume=resume,
+        engines=EnginesConfig(engine=engine, count=engines, num_gpus=e.num_gpus, max_restarts=e.max_restarts,
+                              sleep_while_training=sleep),
+        learner=LearnerConfig(model=model, lr=learner.lr, sft_lr=learner.sft_lr, max_grad_norm=learner.max_grad_norm,
+                              objective=objective, ppo_mini_batches=learner.ppo_mini_batches, seed=cfg.seed,
+                              dtype=learner.dtype, backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
+                              micro_batch_size=learner.micro_batch_size, loss=learner.loss, gpus=learner.gpus,
+                              max_restarts=learner.max_restarts),
+        rollout=RolloutConfig(problems=tuple(problems), function=rollout_fn, reward=reward, prompt=prompt,
+                              batch_prompts=cfg.rollout.batch_prompts, group_size=group,
+                              max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
+                              normalize_std=cfg.rollout.normalize_std, max_lag=lag,
+                              zero_advantage=cfg.rollout.zero_advantage, refill_rounds=cfg.rollout.refill_rounds,
+                              dump_every=cfg.rollout.dump_every, seed=cfg.seed),
+        eval=EvalConfig(problems=tuple(eval_problems), every=cfg.eval.every,
+                        max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens),
+        weights=WeightsConfig(backend=cfg.weights.backend, bucket_mb=cfg.weights.bucket_mb,
+                              timeout_s=cfg.weights.timeout_s),
+        trainer=TrainerConfig(steps=steps, sft_steps=sft_steps(cfg, task), sft_batch=cfg.trainer.sft_batch,
+                              sft_target_reward=sft_target, sft_check_every=sft_every,
+                              pipelined=cfg.trainer.pipelined, rollouts_ahead=ahead,
+                              checkpoint_every=cfg.trainer.checkpoint_every, loggers=loggers))
 
 
 def _need(cfg: DictConfig, key: str, ok, what: str):
@@ -223,9 +233,7 @@ def latest_checkpoint(path: str) -> Path:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The Hydra config as `python -m rlloop.train <overrides>` would see it."""
-    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    init = (initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base=None)
-            if CONFIG_PATH.startswith("pkg://") else initialize_config_dir(CONFIG_PATH, version_base=None))
-    with init:
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides)

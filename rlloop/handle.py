@@ -44,7 +44,7 @@ class RunHandle:
         """Where each tracker of `trainer.loggers` writes, e.g. the TensorBoard log dir."""
         from rlloop.trackers import tracker_paths
 
-        return tracker_paths(self.output_dir, self.config.loggers)
+        return tracker_paths(self.output_dir, self.config.trainer.loggers)
 
     def metrics(self):
         """One row per step, as a pandas DataFrame: the series every tracker gets, under
@@ -68,13 +68,13 @@ class RunHandle:
             from rlloop.run_report import summary_line
 
             held_out = {}  # the last eval accuracy seen, shown until the next
-            with tqdm(total=self.config.steps, desc=self.config.name, unit="step",
+            with tqdm(total=self.config.trainer.steps, desc=self.config.name, unit="step",
                       disable=not progress) as bar:
                 while True:
                     ready, _ = ray.wait([self._ref], timeout=1.0 if timeout is None else min(1.0, timeout))
                     p = ray.get(self.coordinator.progress.remote(bar.n))
                     for row in p["rows"]:  # to train.log under the CLI (Hydra's file handler)
-                        log.info(progress_line(self.config.name, row, self.config.steps))
+                        log.info(progress_line(self.config.name, row, self.config.trainer.steps))
                         if row.get("eval_accuracy") is not None:
                             held_out = {"eval": f"{row['eval_accuracy']:.2f}"}
                     bar.update(p["step"] - bar.n)

@@ -8,6 +8,15 @@ import statistics
 from pathlib import Path
 
 
+def write_run_report(history: list[dict], name: str, out: Path, counts: dict) -> dict:
+    """A finished run's summary.json (summarize's numbers and `counts`) and reward.png,
+    in `out`; returns the summary."""
+    summary = {"name": name, **summarize(history), **counts, "output_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_run(history, name, out / "reward.png")
+    return summary
+
+
 def summarize(history: list[dict]) -> dict:
     r = [h["reward_mean"] for h in history]
     k = max(1, min(10, len(r) // 2))  # first and last k steps never overlap
@@ -42,14 +51,14 @@ def mode_numbers(rows: list[dict], summary: dict | None, target: float) -> dict:
     rewards = [r["reward_mean"] for r in rows]
     reached = next((i for i in range(TARGET_WINDOW - 1, len(rows))
                     if sum(rewards[i - TARGET_WINDOW + 1:i + 1]) / TARGET_WINDOW >= target), None)
-    k = min(10, len(rows) // 2) or 1
+    curve = summarize(rows)
     return {
         "steps": len(rows), "steps_per_hour": steady, "startup_and_sft_s": grpo_start,
         "gen_tok_s_median": _median(rows, "tok_s"), "learner_tok_s_median": _median(rows, "learner_tok_s"),
         "update_ms_median": _median(rows, "update_ms"), "stall_ms_median": _median(rows, "stall_ms"),
         "train_ms_median": _median(rows, "train_ms"), "logprob_gap_median": _median(rows, "logprob_gap"),
-        "reward_first10": sum(rewards[:k]) / k, "reward_last10": sum(rewards[-k:]) / k,
-        "eval_last": next((r["eval_accuracy"] for r in reversed(rows) if r.get("eval_accuracy") is not None), None),
+        "reward_first10": curve["reward_first"], "reward_last10": curve["reward_last"],
+        "eval_last": curve.get("eval_last"),
         "reward_target": target, "target_step": reached,
         "time_to_target_s": rows[reached]["time_s"] if reached is not None else None,
         "grpo_time_to_target_s": rows[reached]["time_s"] - grpo_start if reached is not None else None,

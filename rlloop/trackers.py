@@ -51,15 +51,14 @@ def hyperparameters(run_cfg) -> dict[str, int | float | str | bool]:
     def walk(prefix: str, value) -> None:
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
-                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+                v = getattr(value, f.name)
+                walk(f"{prefix}{f.name}.", len(v) if f.name == "problems" else v)
         elif isinstance(value, (bool, int, float, str)):
             flat[prefix[:-1]] = value
         else:  # None, tuples
             flat[prefix[:-1]] = str(value)
 
-    for f in dataclasses.fields(run_cfg):
-        value = getattr(run_cfg, f.name)
-        walk(f"{f.name}.", len(value) if f.name in ("problems", "eval_problems") else value)
+    walk("", run_cfg)
     return flat
 
 

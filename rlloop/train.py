@@ -13,7 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlloop.config import CONFIG_PATH, ConfigError
+from rlloop.config import ConfigError
+from rlloop.defaults import CONF_DIR
 
 
 def run(cfg: DictConfig) -> dict:
@@ -31,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -37,6 +37,8 @@ from rlloop.models.presets import model_dir
 from rlloop.weights.protocol import WeightUpdateRequest
 from rlloop.weights.shared import SHARED_WIRES
 
+from probes import FloorEngine, greedy_agreement, learner_send_floor
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,17 +65,17 @@ def main(argv=None):
     ray.init(include_dashboard=False, log_to_driver=False)
     engine = engine_actor(EngineConfig(model=path, dtype=dtype, gpu_memory_utilization=0.3 if gpus else 0.05,
                                        max_model_len=1024, enforce_eager=True),
-                          name="bench/engine/0", num_gpus=engine_gpus)
+                          name="bench/engine/0", num_gpus=engine_gpus, cls=FloorEngine)
     ray.get(engine.ready.remote())
     learner = LearnerGroup(LearnerConfig(model=path, backend="megatron", tensor_parallel_size=args.tp,
-                                         dtype=dtype, lr=1e-6, micro_batch_size=4), "bench", gpus_per_rank=learner_gpus)
+                                         dtype=dtype, lr=1e-6, micro_batch_size=4, gpus=learner_gpus), "bench")
     learner.wait_ready(time.time() + 600)
     # The wire a run would take (weights.backend=auto): ipc on a shared GPU, nccl
     # between GPUs, shm on CPU.
-    backend = auto_backend(learner.call("placement"), [ray.get(engine.ready.remote())])
+    backend = auto_backend(learner.placement(), [ray.get(engine.ready.remote())])
     group = weight_group_config([1], backend, timeout_s=300)
-    ray.get([*learner.submit("join_weight_group", group), *join_engines([engine], [1], group)])
-    plan = learner.call("weight_plan", int(bucket_mb * 2**20))
+    ray.get([*learner.join_weight_group(group), *join_engines([engine], [1], group)])
+    plan = learner.weight_plan(int(bucket_mb * 2**20))
     pusher = UpdatePusher([engine], shared=backend in SHARED_WIRES)
     version = 0
 
@@ -82,7 +84,7 @@ def main(argv=None):
         version += 1
         req = WeightUpdateRequest(version, plan)
         t0 = time.perf_counter()
-        stats, send = pusher.push(req, lambda: learner.call("send_weights", req.ticket()))
+        stats, send = pusher.push(req, lambda: learner.send_weights(req.ticket()))
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     export()  # warm-up: buffers, receiver state, first collectives
@@ -91,11 +93,11 @@ def main(argv=None):
     for _ in range(args.repeats):
         raw = WeightUpdateRequest(version, plan)
         if pusher.shared:  # the region first, then the workers' copy out of it
-            learner.call("send_raw", plan)
+            learner.apply(learner_send_floor, plan)
             floor.append(ray.get(engine.receive_raw.remote(raw))["worker_ms"])
         else:
             receiving = engine.receive_raw.remote(raw)
-            floor.append(learner.call("send_raw", plan)["send_ms"])
+            floor.append(learner.apply(learner_send_floor, plan)["send_ms"])
             ray.get(receiving)
     exports = [export() for _ in range(args.repeats)]
 
@@ -105,23 +107,23 @@ def main(argv=None):
     prompts = [torch.randint(2, vocab_hi, (16,), generator=g).tolist() for _ in range(16)]
     sampled = ray.get(engine.generate.remote(prompts, Sampling(max_tokens=32, temperature=1.0,
                                                                ignore_eos=True, seed=1)))
-    ours = learner.call("score", prompts, [s.token_ids for s in sampled])
+    ours = learner.score(prompts, [s.token_ids for s in sampled])
     diff = torch.cat([(torch.tensor(o) - torch.tensor(s.logprobs)).abs() for o, s in zip(ours, sampled)])
     greedy = ray.get(engine.generate.remote(prompts[:4], Sampling(max_tokens=16, temperature=0.0,
                                                                   ignore_eos=True)))
     # The learner's argmax at every position of the engine's greedy sequence: equal
     # when both compute the same function (bf16 ties aside).
-    argmax_agree = learner.call("greedy_agreement", prompts[:4], [s.token_ids for s in greedy])
+    argmax_agree = learner.apply(greedy_agreement, prompts[:4], [s.token_ids for s in greedy])
 
     samples = [Sample(prompt_ids=prompts[i % len(prompts)] * 4,
                       completion_ids=torch.randint(2, vocab_hi, (completion,), generator=g).tolist(),
                       behaviour_logprobs=[-1.0] * completion, advantage=(-1.0) ** i, reward=0.0,
                       version_start=0, version_end=0) for i in range(batch)]
-    learner.call("train_step", samples)  # warm-up
+    learner.train_step(samples)  # warm-up
     steps = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        m = learner.call("train_step", samples)
+        m = learner.train_step(samples)
         steps.append(((time.perf_counter() - t0) * 1e3, m["train_ms"]))
 
     result = {

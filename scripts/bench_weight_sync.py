@@ -43,6 +43,9 @@ from rlloop.actors.weight_sync import UpdatePusher, form_weight_group
 from rlloop.models.presets import model_dir
 from rlloop.models.schema import checkpoint_schema
 from rlloop.weights.protocol import DTYPES, WeightUpdateRequest, make_plan
+from rlloop.weights.sender import buckets_of
+
+from probes import FloorEngine, send_floor
 
 
 def random_weights(schema, device, seed):
@@ -92,7 +95,7 @@ class Bench:
         self.version += 1
         req = WeightUpdateRequest(self.version, self.plan)
         t0 = time.perf_counter()
-        stats, send = self.pusher.push(req, lambda: self.sender.send(req, self.tensors), mode=mode)
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(self.plan, self.tensors)), mode=mode)
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     def floor_ms(self) -> float | None:
@@ -101,10 +104,10 @@ class Bench:
             return None
         req = WeightUpdateRequest(self.version, self.plan)
         if self.sender.shared:
-            self.sender.send_raw(self.plan)
+            send_floor(self.sender, self.plan)
             return ray.get(self.engine.receive_raw.remote(req))["worker_ms"]
         raw = self.engine.receive_raw.remote(req)
-        ms = self.sender.send_raw(self.plan)["send_ms"]
+        ms = send_floor(self.sender, self.plan)["send_ms"]
         ray.get(raw)
         return ms
 
@@ -234,7 +237,7 @@ def main(argv=None):
                        gpu_memory_utilization=args.gpu_mem, max_model_len=2048 if gpu else 512,
                        max_num_seqs=512 if gpu else 64, enforce_eager=args.eager or not gpu,
                        enable_sleep_mode=gpu)
-    engine = engine_actor(cfg, name="bench/engine/0")
+    engine = engine_actor(cfg, name="bench/engine/0", cls=FloorEngine)
     info = ray.get(engine.ready.remote())
     device = f"cuda:{info['gpus'][0]}" if gpu else "cpu"
     if gpu:

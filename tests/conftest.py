@@ -19,6 +19,7 @@ from rlloop.actors.engine import EngineConfig, Sampling, engine_actor  # noqa: E
 from rlloop.actors.weight_sync import UpdatePusher, form_weight_group  # noqa: E402
 from rlloop.models.tiny import build_tiny_model  # noqa: E402
 from rlloop.weights.protocol import WeightUpdateRequest, make_plan, parameter_infos  # noqa: E402
+from rlloop.weights.sender import buckets_of  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +116,7 @@ class Updater:
         self.randomize(seed)
         req = self.request()
         tensors = self.tensors()
-        stats, send = self.pusher.push(req, lambda: self.sender.send(req, tensors))
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(req.plan, tensors)))
         self.version = req.version
         return stats, send
 

@@ -17,6 +17,8 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("learner.loss=rlloop.learner.grpo:no_such_loss", "learner.loss"),
                           ("learner.backend=deepspeed", "learner.backend"),
                           ("rollout.reward=rlloop.tasks.rewards:no_such_reward", "rollout.reward"),
+                          ("rollout.function=no_such_module:Rollouts", "rollout.function"),
+                          ("rollout.function=rlloop.rollout:NoSuchRollouts", "rollout.function"),
                           ("learner.tensor_parallel_size=0", "learner.tensor_parallel_size"),
                           ("trainer.rollouts_ahead=0", "trainer.rollouts_ahead"),
                           ("trainer.rollouts_ahead=2", "trainer.rollouts_ahead"),  # max_lag 1 would drop them
@@ -74,17 +76,17 @@ def test_cli_run_that_never_starts_leaves_no_run_directory(tmp_path):
 def test_user_data_gets_an_eval_split_and_no_warm_up_unless_asked(tmp_path, own_model):
     model, data = own_model
     base = ["+conf=grpo", f"output_dir={tmp_path}", "name=split-test"]
-    assert build_run_config(compose_config(base)).sft_steps == 40, "the tiny random model needs its warm-up"
+    assert build_run_config(compose_config(base)).trainer.sft_steps == 40, "the tiny random model needs its warm-up"
     user = [*base, f"model.path={model}", "rollout.task=jsonl", f"rollout.jsonl_path={data}"]
     run = build_run_config(compose_config([*user, "eval.fraction=0.25"]))
-    assert run.sft_steps == 0 and len(run.eval_problems) == 4 and len(run.problems) == 12
-    assert not {p.id for p in run.problems} & {p.id for p in run.eval_problems}
-    assert build_run_config(compose_config([*user, "trainer.sft_steps=5"])).sft_steps == 5
+    assert run.trainer.sft_steps == 0 and len(run.eval.problems) == 4 and len(run.rollout.problems) == 12
+    assert not {p.id for p in run.rollout.problems} & {p.id for p in run.eval.problems}
+    assert build_run_config(compose_config([*user, "trainer.sft_steps=5"])).trainer.sft_steps == 5
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(data.read_text().splitlines(keepends=True)[:3]))
     run = build_run_config(compose_config([*user, f"eval.path={test_file}"]))
-    assert [p.id for p in run.eval_problems] == ["q0", "q1", "q2"], "the eval file's rows, as named"
-    assert [p.id for p in run.problems] == [f"q{i}" for i in range(3, 16)], "its questions leave training"
+    assert [p.id for p in run.eval.problems] == ["q0", "q1", "q2"], "the eval file's rows, as named"
+    assert [p.id for p in run.rollout.problems] == [f"q{i}" for i in range(3, 16)], "its questions leave training"
     with pytest.raises(ConfigError, match="'eval.fraction': set eval.path or eval.fraction"):
         build_run_config(compose_config([*user, f"eval.path={test_file}", "eval.fraction=0.1"]))
 
@@ -93,9 +95,9 @@ def test_the_gsm8k_recipe_takes_a_users_model_and_data(tmp_path, own_model):
     model, data = own_model
     run = build_run_config(compose_config(["+conf=grpo_gsm8k", f"output_dir={tmp_path}", f"model.path={model}",
                                            f"rollout.jsonl_path={data}"]))
-    assert run.reward == "rlloop.tasks.rewards:math_format_reward" and run.sft_steps == 0
-    assert run.max_tokens >= 256 and run.prompt.system_prompt and run.prompt.chat_template == "auto"
-    assert len(run.eval_problems) == 2 and len(run.problems) == 14
+    assert run.rollout.reward == "rlloop.tasks.rewards:math_format_reward" and run.trainer.sft_steps == 0
+    assert run.rollout.max_tokens >= 256 and run.rollout.prompt.system_prompt and run.rollout.prompt.chat_template == "auto"
+    assert len(run.eval.problems) == 2 and len(run.rollout.problems) == 14
     with pytest.raises(ConfigError, match="'rollout.jsonl_path'"):
         build_run_config(compose_config(["+conf=grpo_gsm8k", f"output_dir={tmp_path}", f"model.path={model}"]))
 
@@ -104,11 +106,11 @@ def test_the_gpu_recipe_is_colocated_and_warms_up_until_samples_earn_reward(tmp_
     model, _ = own_model
     run = build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}"]))
     assert run.model == str(model)  # model.path wins over the recipe's preset
-    assert run.engine_gpus == run.learner_gpus == 0.5 and run.backend == "auto" and run.pipelined
-    assert run.sft_target_reward == 0.3 and run.sft_steps >= run.sft_check_every
+    assert run.engines.num_gpus == run.learner.gpus == 0.5 and run.weights.backend == "auto" and run.trainer.pipelined
+    assert run.trainer.sft_target_reward == 0.3 and run.trainer.sft_steps >= run.trainer.sft_check_every
     assert run.learner.backend == "megatron" and run.learner.dtype == "bfloat16"
-    assert all(int(a) <= 99 and int(b) <= 99 for a, b in (p.prompt[:-1].split("+") for p in run.problems))
-    assert 150 <= len(run.eval_problems) <= 250  # 2% of the 10,000 distinct two-digit sums
+    assert all(int(a) <= 99 and int(b) <= 99 for a, b in (p.prompt[:-1].split("+") for p in run.rollout.problems))
+    assert 150 <= len(run.eval.problems) <= 250  # 2% of the 10,000 distinct two-digit sums
     with pytest.raises(ConfigError, match="'trainer.sft_check_every'"):
         build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}",
                                           "trainer.sft_check_every=0"]))

@@ -19,7 +19,7 @@ from rlloop.weights.protocol import WeightUpdateRequest
 
 pytestmark = pytest.mark.integration
 
-LOGIT_ATOL = 1e-4  # fp32 learner vs fp32 transformers
+LOGPROB_ATOL = 1e-4  # fp32 learner vs fp32 transformers, every token of whole sequences
 # fp32 learner vs the engine's own log-probs of the tokens it sampled: different
 # kernels (vLLM CPU attention, megatron's unfused attention) on the same weights.
 ENGINE_LOGPROB_ATOL = 1e-3
@@ -32,12 +32,14 @@ def _learner(model: str, name: str, tp: int = 1, dp: int = 1, backend: str = "me
     return group
 
 
-def _hf_logits(model: str, ids: list[list[int]]) -> torch.Tensor:
+def _hf_logprobs(model: str, ids: list[list[int]]) -> torch.Tensor:
+    """transformers' log-prob of each token after the first."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     with torch.no_grad():
-        return hf(torch.tensor(ids)).logits
+        logp = torch.log_softmax(hf(torch.tensor(ids)).logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(ids)[:, 1:, None])[..., 0]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_learner_round_trips_and_computes_like_transformers(family, tp, tiny_mod
     model = tiny_model if family == "qwen2" else qwen3_model
     learner = _learner(model, f"mcore-{family}-tp{tp}", tp=tp)
     try:
-        learner.call("save", str(tmp_path / "saved"), 256 << 10 if tp == 2 else 2 << 30)
+        learner.save(str(tmp_path / "saved"), 256 << 10 if tp == 2 else 2 << 30)
         files = sorted((tmp_path / "saved").glob("*.safetensors"))
         assert (len(files) == 1) == (tp == 1), files  # 1.3 MB in 256 KiB shards at TP=2
         assert (tmp_path / "saved/model.safetensors.index.json").is_file() == (tp == 2)
@@ -72,9 +74,10 @@ def test_learner_round_trips_and_computes_like_transformers(family, tp, tiny_mod
         for name, t in original.items():
             assert torch.equal(saved[name], t), name
         ids = [[3, 14, 15, 9, 26, 5, 35, 8, 9, 7], [12, 13, 4, 4, 19, 20, 21, 22, 40, 2]]
-        diff = (learner.call("full_logits", ids) - _hf_logits(model, ids)).abs().max().item()
-        print(f"{family} TP={tp}: max |logit diff| vs transformers {diff:.2e}")
-        assert diff <= LOGIT_ATOL
+        ours = torch.tensor(learner.score([i[:1] for i in ids], [i[1:] for i in ids]))
+        diff = (ours - _hf_logprobs(model, ids)).abs().max().item()
+        print(f"{family} TP={tp}: max |log-prob diff| vs transformers {diff:.2e}")
+        assert diff <= LOGPROB_ATOL
     finally:
         learner.kill()
 
@@ -91,7 +94,7 @@ def trained_tp2(tiny_model, ray_cluster):
                 "dp2": _learner(tiny_model, "mcore-train-dp2", dp=2, micro_batch_size=3, **common),
                 "tp2": _learner(tiny_model, "mcore-train-tp2", tp=2, **common)}
     for key, learner in learners.items():
-        curves[key] = [learner.call("sft_step", prompts, targets)["sft_loss"] for _ in range(6)]
+        curves[key] = [learner.sft_step(prompts, targets)["sft_loss"] for _ in range(6)]
     learners["hf"].kill()
     learners["dp2"].kill()
     yield learners["tp2"], curves
@@ -120,14 +123,14 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
     try:
         ray.get(engine.ready.remote())
         group = weight_group_config([1], "gloo", timeout_s=60)
-        ray.get([*learner.submit("join_weight_group", group), *join_engines([engine], [1], group)], timeout=90)
-        plan = learner.call("weight_plan", 64 << 10)  # several buckets: units split across them
+        ray.get([*learner.join_weight_group(group), *join_engines([engine], [1], group)], timeout=90)
+        plan = learner.weight_plan(64 << 10)  # several buckets: units split across them
         assert len(plan.buckets) > 3
         req = WeightUpdateRequest(1, plan)
-        stats, send = UpdatePusher([engine], shared=False).push(req, lambda: learner.call("send_weights", req.ticket()))
+        stats, send = UpdatePusher([engine], shared=False).push(req, lambda: learner.send_weights(req.ticket()))
         assert stats[0].version == 1 and send["bytes"] == plan.total_bytes
 
-        learner.call("save", str(tmp_path / "exported"))
+        learner.save(str(tmp_path / "exported"))
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -143,12 +146,12 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
         sampling = Sampling(max_tokens=16, temperature=1.0, ignore_eos=True, seed=7)
         sampled = ray.get(engine.generate.remote(probe_prompts * 4, sampling))
         prompt_ids = [tok(p).input_ids for p in probe_prompts * 4]
-        ours = learner.call("score", prompt_ids, [g.token_ids for g in sampled])
+        ours = learner.score(prompt_ids, [g.token_ids for g in sampled])
         diff = torch.cat([(torch.tensor(o) - torch.tensor(g.logprobs)).abs() for o, g in zip(ours, sampled)])
         print(f"learner TP=2 vs engine log-probs over {diff.numel()} sampled tokens: "
               f"max {diff.max().item():.2e}, mean {diff.mean().item():.2e}")
         assert diff.max().item() < ENGINE_LOGPROB_ATOL
-        learner.call("leave_weight_group")
+        ray.get(learner.leave_weight_group())
         ray.get(engine.leave_weight_group.remote())
     finally:
         ray.get(engine.shutdown.remote())
@@ -187,8 +190,8 @@ def test_dp2_with_uneven_lengths_equals_one_process(anchor, tiny_model, ray_clus
         learner = _learner(tiny_model, f"mcore-uneven-{anchor}-dp{dp}", dp=dp, micro_batch_size=3 if dp == 2 else 0,
                            **kw)
         try:
-            losses = [learner.call("train_step", _uneven_samples(s))["loss"] for s in range(3)]
-            learner.call("save", str(tmp_path / f"dp{dp}"))
+            losses = [learner.train_step(_uneven_samples(s))["loss"] for s in range(3)]
+            learner.save(str(tmp_path / f"dp{dp}"))
         finally:
             learner.kill()
         runs[dp] = losses, load_file(str(tmp_path / f"dp{dp}" / "model.safetensors"))

@@ -158,8 +158,8 @@ def test_wandb_offline_run_holds_the_same_reward_series(observed):
     run_cfg = observed["handle"].config
     assert config["name"] == RUN and config["learner.lr"] == 5e-4
     # sizes, not the problems: 10 of arithmetic's 100 questions are held out, with their rows
-    assert config["eval_problems"] == len(run_cfg.eval_problems) == 10
-    assert config["problems"] == len(run_cfg.problems) and 800 < config["problems"] < 1000
+    assert config["eval.problems"] == len(run_cfg.eval.problems) == 10
+    assert config["rollout.problems"] == len(run_cfg.rollout.problems) and 800 < config["rollout.problems"] < 1000
     assert images == ["image-file"]
 
 

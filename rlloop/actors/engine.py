@@ -8,77 +8,18 @@ worker, and the scheduler resumes. Requests simply continue on the new version.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, replace
 
+from rlloop.actors.engine_io import EngineConfig, EngineStats, Generation, Sampling, UpdateStats
+from rlloop.actors.vllm_process import OwnLogs, cpu_kv_cache_bytes, tree_rss_mb
 from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateError, WeightUpdateRequest,
                                     check_version, pack, resolve, validate_request)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # local HF directory (config + tokenizer; weights unless load_format="dummy")
-    dtype: str = "float32"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.15  # on GPU; on CPU the KV cache is sized by cpu_kv_cache_bytes
-    max_model_len: int = 512
-    max_num_seqs: int = 64
-    seed: int = 0
-    load_format: str = "auto"
-    enforce_eager: bool = True
-    receive_mode: str = "auto"  # see rlloop.weights.receiver
-    enable_sleep_mode: bool = False  # GPU only: sleep() / wake_up() free and retake the engine's memory
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ignore_eos: bool = False
-    logprobs: bool = True
-    seed: int | None = None
-
-
-@dataclass
-class Generation:
-    prompt: str | list[int]
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]  # of each sampled token under the weights that sampled it
-    finish_reason: str | None
-    version_start: int  # weight version when the request was admitted
-    version_end: int  # weight version when it finished
-
-
-@dataclass
-class UpdateStats:
-    version: int
-    mode: str
-    bytes: int
-    pause_ms: float  # generation stall: pause .. resume
-    receive_ms: float  # receive + load on the workers (slowest worker)
-    total_ms: float
-    gbps: float
-
-
-@dataclass
-class EngineStats:
-    version: int = 0
-    updates: int = 0
-    rejected_updates: int = 0
-    requests_done: int = 0
-    tokens_generated: int = 0
-    in_flight: int = 0
-    last_update: dict = field(default_factory=dict)
 
 
 class EngineStartError(RuntimeError):
@@ -106,7 +47,7 @@ class GenerationEngine:
             kv_cache_memory_bytes=None if torch.cuda.is_available() else cpu_kv_cache_bytes(config),
             worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
         )
-        logs = _OwnLogs()
+        logs = OwnLogs()
         try:
             self.llm = AsyncLLM.from_engine_args(args)
         except Exception as e:
@@ -121,8 +62,6 @@ class GenerationEngine:
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
 
     async def ready(self) -> dict:
-        import ray
-
         return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version,
                 **placement()}
 
@@ -269,13 +208,6 @@ class GenerationEngine:
                    transfer_gbps=stats.gbps, in_flight=self.stats_.in_flight)
             return stats
 
-    async def receive_raw(self, request: WeightUpdateRequest) -> dict:
-        """Receive the plan's bytes without loading them (benchmark floor); no pause.
-        The plan must have been prepared (an update of it ran)."""
-        results = await self.llm.collective_rpc(
-            "rl_receive", args=(request.plan.key, request.version, self.config.receive_mode), kwargs={"load": False})
-        return results[0]
-
     async def sleep(self, level: int = 1) -> dict:
         """Release the engine's GPU memory while the learner trains (vLLM sleep mode;
         needs enable_sleep_mode): level 1 moves the weights to host memory and drops the
@@ -303,86 +235,16 @@ class GenerationEngine:
         return self.stats_.version
 
     def stats(self) -> dict:
-        return {**asdict(self.stats_), "rss_mb": _tree_rss_mb()}
+        return {**asdict(self.stats_), "rss_mb": tree_rss_mb()}
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
 
 
-def cpu_kv_cache_bytes(config: EngineConfig) -> int:
-    """KV cache for max_num_seqs sequences of max_model_len tokens of this model.
-
-    On CPU, vLLM reads gpu_memory_utilization as a fraction of the NUMA node's RAM and
-    gives the KV cache that fraction minus the engine's own resident memory (~0.7 GiB
-    for the tiny model): a budget that goes negative ("Engine core initialization
-    failed") on a node with less RAM, or when other engines and learners share it.
-    An explicit size depends only on the model and the limits asked for."""
-    from rlloop.weights.protocol import DTYPES
-
-    hf = json.loads((Path(config.model) / "config.json").read_text())
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    per_token = 2 * hf["num_hidden_layers"] * kv_heads * head_dim * DTYPES[config.dtype].itemsize
-    return config.max_num_seqs * config.max_model_len * per_token
-
-
-class _OwnLogs:
-    """This process's stdout and stderr from now on, where they are files (a Ray
-    worker's are; vLLM's engine-core and worker processes inherit them and log there)."""
-
-    TAIL = 20
-    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-    # "(EngineCore pid=12) ERROR 11-25 08:24:13 [core.py:1510] " before a subprocess's line
-    _PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:[A-Z]+ [\d-]+ [\d:]+ \[[^\]]+\] )?")
-    _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): \S")
-
-    def __init__(self):
-        self.start = {}
-        for fd in (1, 2):
-            try:
-                path = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if os.path.isfile(path):
-                self.start[path] = os.path.getsize(path)
-
-    def tail(self) -> str:
-        """The exception lines the subprocesses logged (the root cause is among them),
-        then the last lines of each file."""
-        errors, tails = [], []
-        for path, offset in self.start.items():
-            with open(path, errors="replace") as f:
-                f.seek(offset)
-                lines = self._ANSI.sub("", f.read()).splitlines()
-            for line in lines:
-                bare = self._PREFIX.sub("", line)
-                if self._EXCEPTION.match(bare) and bare not in errors:
-                    errors.append(bare)
-            if lines:
-                tails.append(f"[last lines of {path}]\n" + "\n".join(lines[-self.TAIL:]))
-        if not tails:
-            return "(not captured: this process's output is not a file; see above)"
-        return "\n".join(["[exceptions raised]", *errors, *tails])
-
-
-def _tree_rss_mb() -> float:
-    """Resident memory of this actor and the vLLM processes it spawned."""
-    import psutil
-
-    me = psutil.Process()
-    procs = [me, *me.children(recursive=True)]
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
-
 def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None,
-                 max_restarts: int = 0):
-    """Start a GenerationEngine Ray actor. On GPU it reserves tensor_parallel_size GPUs.
+                 max_restarts: int = 0, cls: type = GenerationEngine):
+    """Start a GenerationEngine (or a subclass, `cls`) Ray actor; on GPU it reserves
+    tensor_parallel_size GPUs.
     With max_restarts, Ray restarts a dead engine (on its initial weights, outside the
     weight group): whoever drives it must re-form the group and resend (Coordinator)."""
     import ray
@@ -394,4 +256,4 @@ def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float 
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
     if name:
         opts["name"] = name
-    return ray.remote(GenerationEngine).options(**opts).remote(config)
+    return ray.remote(cls).options(**opts).remote(config)

@@ -1,5 +1,6 @@
-"""The ranks of one learner as one object: a call runs on every rank (they take part
-in the same collectives) and answers with rank 0's result.
+"""The ranks of one learner as one object: each method runs on every rank (they take
+part in the same collectives) and answers with rank 0's result. The methods are the
+learner contract (rlloop/learner/contract.py).
 
 backend=hf is one rank (HFLearner); backend=megatron is tensor_parallel_size x
 data_parallel_size ranks of MegatronLearner, each its own Ray actor (and GPU).
@@ -9,12 +10,13 @@ from __future__ import annotations
 import ray
 
 from rlloop.actors.liveness import ACTOR_TROUBLE, wait_ready
-from rlloop.learner.policy import LearnerConfig
-from rlloop.weights.group import free_port
+from rlloop.learner.policy import LearnerConfig, Sample
+from rlloop.weights.group import WeightGroupConfig, free_port
+from rlloop.weights.protocol import UpdatePlan, UpdateTicket, WeightUpdateRequest
 
 
 class LearnerGroup:
-    def __init__(self, cfg: LearnerConfig, name: str, gpus_per_rank: float = 0, max_restarts: int = 0):
+    def __init__(self, cfg: LearnerConfig, name: str):
         if cfg.backend == "hf":
             from rlloop.learner.hf_learner import HFLearner
 
@@ -28,16 +30,58 @@ class LearnerGroup:
             cls, args = MegatronLearner, [(cfg, r, host, port) for r in range(world)]
         else:
             raise ValueError(f"learner backend {cfg.backend!r}: expected hf or megatron")
-        self.actors = [ray.remote(cls).options(name=f"{name}/learner/{r}", num_cpus=0, num_gpus=gpus_per_rank,
-                                               max_restarts=max_restarts).remote(*a)
+        self.actors = [ray.remote(cls).options(name=f"{name}/learner/{r}", num_cpus=0, num_gpus=cfg.gpus,
+                                               max_restarts=cfg.max_restarts).remote(*a)
                        for r, a in enumerate(args)]
 
-    def submit(self, method: str, *args) -> list[ray.ObjectRef]:
+    def _submit(self, method: str, *args) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
-    def call(self, method: str, *args, timeout: float | None = None):
-        """Run `method` on every rank; rank 0's answer."""
-        return ray.get(self.submit(method, *args), timeout=timeout)[0]
+    def _call(self, method: str, *args):
+        return ray.get(self._submit(method, *args))[0]
+
+    # --- the learner contract ---------------------------------------------------------
+
+    def placement(self) -> dict:
+        return self._call("placement")
+
+    def sft_step(self, prompts: list[list[int]], targets: list[list[int]]) -> dict:
+        return self._call("sft_step", prompts, targets)
+
+    def train_step(self, samples: list[Sample]) -> dict:
+        return self._call("train_step", samples)
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        return self._call("score", prompts, completions)
+
+    def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
+        return self._call("weight_plan", bucket_bytes)
+
+    def join_weight_group(self, cfg: WeightGroupConfig) -> list[ray.ObjectRef]:
+        """Started, not awaited: every engine joins at the same time (a rendezvous)."""
+        return self._submit("join_weight_group", cfg)
+
+    def leave_weight_group(self, token: str | None = None, plan_key: str | None = None) -> list[ray.ObjectRef]:
+        return self._submit("leave_weight_group", token, plan_key)
+
+    def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
+        return self._call("send_weights", update)
+
+    def save(self, path: str, *shard_bytes: int) -> None:
+        self._call("save", path, *shard_bytes)
+
+    def load_checkpoint(self, path: str) -> int:
+        return self._call("load_checkpoint", path)
+
+    def load_optimizer(self, path: str) -> int:
+        return self._call("load_optimizer", path)
+
+    def apply(self, fn, *args):
+        """`fn(rank, *args)` on every rank, rank 0's answer: code of a test or a
+        benchmark (parity checks, raw floors) run inside the learner."""
+        return self._call("apply", fn, *args)
+
+    # --- lifetime ---------------------------------------------------------------------
 
     def wait_ready(self, deadline: float) -> list[int]:
         """Each rank's pid, once every rank answers."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlloop.defaults import default
+
 AGGREGATIONS = ("token-mean", "sequence-mean", "token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
 ANCHORS = ("behaviour", "proximal")
@@ -36,17 +38,18 @@ KL_LOG_RATIO_CLAMP = 20.0  # exp(20) still fits float32 comfortably
 
 @dataclass(frozen=True)
 class Objective:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    ratio_level: str = "token"
-    aggregation: str = "token-mean"
-    norm_tokens: int = 1  # token-sum-norm: the constant per-sample length (the generation budget)
-    anchor: str = "behaviour"
-    tis_level: str = "token"  # anchor=proximal: token or sequence importance weights
-    tis_cap: float = 2.0  # anchor=proximal: the truncation C
-    kl_coef: float = 0.0
-    kl_clamp: float = 10.0  # the k3 value is clamped to [0, kl_clamp]
+    clip_low: float = default("learner.clip_low")
+    clip_high: float = default("learner.clip_high")
+    dual_clip: float | None = default("learner.dual_clip")
+    ratio_level: str = default("learner.ratio_level")
+    aggregation: str = default("learner.loss_aggregation")
+    # token-sum-norm: the constant per-sample length (the generation budget)
+    norm_tokens: int = default("rollout.max_tokens")
+    anchor: str = default("learner.anchor")
+    tis_level: str = default("learner.tis_level")  # anchor=proximal: token or sequence importance weights
+    tis_cap: float = default("learner.tis_cap")  # anchor=proximal: the truncation C
+    kl_coef: float = default("learner.kl_coef")
+    kl_clamp: float = default("learner.kl_clamp")  # the k3 value is clamped to [0, kl_clamp]
 
     def __post_init__(self):
         def need(ok: bool, what: str):

@@ -12,6 +12,7 @@ import torch
 
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
+from rlloop.weights.sender import WeightSender, buckets_of
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
                                     resolve)
 
@@ -68,17 +69,16 @@ class HFLearner(PolicyLearner):
         return self._plan
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
-        from rlloop.weights.sender import WeightSender
-
         self.sender = WeightSender(cfg, self.device, in_place=True)  # ipc: parameters are shared as they are
 
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
-        self.sent_version = request.version
         tensors = self._tensors()
         self.sender.check(request, tensors)
-        return self.sender.send(request, tensors)
+        sent = self.sender.send(request, buckets_of(request.plan, tensors))
+        self.sent_version = request.version
+        return sent
 
     def save(self, path: str) -> None:
         self.model.save_pretrained(path, safe_serialization=True)

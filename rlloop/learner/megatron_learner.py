@@ -90,27 +90,6 @@ class _SafetensorsDir(Mapping):
         return len(self._files)
 
 
-class _ExportStream(Mapping):
-    """HF tensors produced bucket by bucket (one gather each) as the sender asks for
-    them, in plan order; each is dropped once handed out."""
-
-    def __init__(self, learner: "MegatronLearner", order: list[list[Unit]]):
-        self._learner = learner
-        self._groups = iter(order)
-        self._ready: dict[str, torch.Tensor] = {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        while name not in self._ready:
-            self._ready.update(self._learner.gather_hf(next(self._groups)))
-        return self._ready.pop(name)
-
-    def __iter__(self):
-        return iter(self._ready)
-
-    def __len__(self) -> int:
-        return len(self._ready)
-
-
 class MegatronLearner(PolicyLearner):
     def __init__(self, cfg: LearnerConfig, rank: int, master_addr: str, master_port: int):
         from megatron.core import parallel_state
@@ -202,24 +181,6 @@ class MegatronLearner(PolicyLearner):
             self._causal = {t: mask}
         pos = torch.arange(t, device=self.device).expand(n, t)
         return model(ids.to(self.device), pos, mask)
-
-    def full_logits(self, ids: list[list[int]]) -> torch.Tensor:
-        """All-gathered logits over the real vocabulary, on CPU (for parity checks)."""
-        with torch.no_grad():
-            local = self.logits(torch.tensor(ids)).float().contiguous()
-            parts = [torch.empty_like(local) for _ in range(self.tp_size)]
-            dist.all_gather(parts, local, group=self.tp_group)
-        return torch.cat(parts, dim=-1)[..., :self.arch.vocab_size].cpu()
-
-    def greedy_agreement(self, prompts: list[list[int]], completions: list[list[int]]) -> float:
-        """Fraction of completion tokens that are this model's argmax given the tokens
-        before them: 1.0 for another engine's greedy output on the same weights."""
-        hits, total = 0, 0
-        for p, c in zip(prompts, completions):
-            pred = self.full_logits([p + c])[0, len(p) - 1:-1].argmax(-1)
-            hits += int((pred == torch.tensor(c)).sum())
-            total += len(c)
-        return hits / total
 
     def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -354,24 +315,27 @@ class MegatronLearner(PolicyLearner):
         if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
             self.sender = WeightSender(cfg, self.device)
 
+    def export(self, plan: UpdatePlan) -> Iterator[dict[str, torch.Tensor]]:
+        """Per bucket of `plan`, in order, the HF tensors of the units it is the first to
+        need (WeightSender.send's shape): one gather of the TP shards per bucket, run
+        as the sender asks for the bucket. Every TP rank must run through it; ranks
+        other than TP rank 0 get {}."""
+        for group in self._export_order(plan):
+            yield self.gather_hf(group)
+
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Export and send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
         if request.plan.params != self.hf_params:
             raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
-        self.sent_version = request.version
-        if self.dp_rank != 0:
-            return {}
-        order = self._export_order(request.plan)
+        sent = {}
         if self.rank == 0:
-            return self.sender.send(request, _ExportStream(self, order))
-        for group in order:
-            self.gather_hf(group)
-        return {}
-
-    def send_raw(self, plan: UpdatePlan) -> dict:
-        """The floor: the plan's bytes broadcast with no gather, conversion or packing."""
-        return self.sender.send_raw(plan) if self.sender is not None else {}
+            sent = self.sender.send(request, self.export(request.plan))
+        elif self.dp_rank == 0:  # feed rank 0's gathers
+            for _ in self.export(request.plan):
+                pass
+        self.sent_version = request.version
+        return sent
 
     # --- checkpoints ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rlloop.learner.grpo import LossInputs, Objective, token_weights, truncated_is
+from rlloop.defaults import default
 from rlloop.metrics import report
 from rlloop.plugins import import_function
 
@@ -28,23 +29,27 @@ class Sample:
 @dataclass(frozen=True)
 class LearnerConfig:
     model: str
-    lr: float = 1e-4
-    sft_lr: float = 1e-3
+    lr: float = default("learner.lr")
+    sft_lr: float = default("learner.sft_lr")
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = default("learner.max_grad_norm")
     objective: Objective = Objective()
-    ppo_mini_batches: int = 1  # optimizer steps per batch (PPO mini-batches); the anchor stays fixed
-    seed: int = 0
+    # optimizer steps per batch (PPO mini-batches); the anchor stays fixed
+    ppo_mini_batches: int = default("learner.ppo_mini_batches")
+    seed: int = default("seed")
     num_threads: int = 1
     pad_id: int = 1
     device: str = "auto"  # auto: cuda when the actor was given a GPU, else cpu
-    dtype: str = "float32"  # parameters (and, on CPU, optimizer state); bfloat16 on GPU
-    backend: str = "hf"  # hf: transformers, one process | megatron: megatron-core, TP x DP ranks
-    tensor_parallel_size: int = 1  # megatron only
-    data_parallel_size: int = 1  # megatron only
-    micro_batch_size: int = 0  # samples per forward/backward (gradients accumulate); 0: all at once
+    dtype: str = default("learner.dtype")  # parameters (and, on CPU, optimizer state); bfloat16 on GPU
+    backend: str = default("learner.backend")  # hf: transformers, one process | megatron: TP x DP ranks
+    tensor_parallel_size: int = default("learner.tensor_parallel_size")  # megatron only
+    data_parallel_size: int = default("learner.data_parallel_size")  # megatron only
+    # samples per forward/backward (gradients accumulate); 0: all at once
+    micro_batch_size: int = default("learner.micro_batch_size")
     # "module:function" with policy_loss's signature: (LossInputs, Objective) -> (loss, metrics)
-    loss: str = "rlloop.learner.grpo:policy_loss"
+    loss: str = default("learner.loss")
+    gpus: float = default("learner.gpus")  # per rank; 1: its own GPU, 0.5: half of one (shared with an engine)
+    max_restarts: int = default("learner.max_restarts")  # a restarted learner reloads the last checkpoint
 
 
 def resolve_loss(spec: str):
@@ -236,6 +241,10 @@ class PolicyLearner:
             from rlloop.weights.shared import remove_region
 
             remove_region(token, plan_key)
+
+    def apply(self, fn, *args):
+        """`fn(self, *args)`: a test's or a benchmark's own code run on this rank."""
+        return fn(self, *args)
 
     def placement(self) -> dict:
         from rlloop.actors.weight_sync import placement

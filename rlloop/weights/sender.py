@@ -11,7 +11,7 @@ buckets and hands them to every engine worker over the group's wire:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -63,53 +63,42 @@ class WeightSender:
                 raise WeightUpdateError(
                     f"{p.name}: tensor {tuple(t.shape)} {t.dtype} != plan {p.shape} {p.dtype}")
 
-    def send(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> dict:
-        """Send `tensors` laid out as `request.plan`. Blocks until sent (shared wires:
-        until the region holds them, stamped with the request's version)."""
+    def send(self, request: WeightUpdateRequest, buckets: Iterable[Mapping[str, torch.Tensor]]) -> dict:
+        """Send what `buckets` yields, laid out as `request.plan`: one mapping per plan
+        bucket, in order, holding that bucket's tensors not yielded before (it may hold
+        some of later buckets too: a learner's `export`, or `buckets_of` a full
+        mapping). Blocks until sent (shared wires: until the region holds them, stamped
+        with the request's version)."""
         plan = request.plan
         t0 = time.perf_counter()
         if self.in_place:
+            tensors = {name: t for bucket in buckets for name, t in bucket.items()}
             region = self.publish(plan, tensors)
             region.check_in_place(plan, tensors)
             synchronize(self.device)  # the optimizer step that wrote them is done
             region.stamp(request.version)
             return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
+        per_bucket = _entry_tensors(plan, buckets)
         if self.shared:
             region = self.publish(plan)
-            for i, start in enumerate(plan.bucket_starts()):
+            for i, (start, tensors) in enumerate(zip(plan.bucket_starts(), per_bucket)):
                 views = bucket_views(region.buffer[start:start + plan.buckets[i].nbytes], plan, i)
-                copy_all([v for _, v in views], [tensors[plan.params[p].name] for p, _ in views])
+                copy_all([v for _, v in views], tensors)
             synchronize(self.device)
             region.stamp(request.version)
             return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
         bufs = self._buffers_for(plan)
         works = []
-        for i, bucket in enumerate(plan.buckets):
+        for i, (bucket, tensors) in enumerate(zip(plan.buckets, per_bucket)):
             buf = bufs[i % len(bufs)]
             if i >= len(bufs):
                 works[i - len(bufs)].wait()  # buffer free again (on GPU: stream order only)
-            views = bucket_views(buf, plan, i)
-            copy_all([v for _, v in views], [tensors[plan.params[p].name] for p, _ in views])
+            copy_all([v for _, v in bucket_views(buf, plan, i)], tensors)
             works.append(broadcast_async(self.group, buf[:bucket.nbytes]))
         for w in works:
             w.wait()
         synchronize(self.device)
         return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.total_bytes}
-
-    def send_raw(self, plan: UpdatePlan) -> dict:
-        """The floor: the plan's buckets as they are, no packing (shared wires: nothing
-        to send; the workers' copy out of the region is the floor)."""
-        t0 = time.perf_counter()
-        if self.in_place:
-            raise WeightUpdateError("an in-place sender shares tensors, not buckets: no raw floor")
-        if self.shared:
-            self.publish(plan)
-        else:
-            bufs = self._buffers_for(plan)
-            for i, bucket in enumerate(plan.buckets):
-                broadcast_async(self.group, bufs[i % len(bufs)][:bucket.nbytes]).wait()
-        synchronize(self.device)
-        return {"send_ms": (time.perf_counter() - t0) * 1e3, "bytes": plan.bucket_bytes}
 
     def close(self) -> None:
         from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
@@ -120,3 +109,21 @@ class WeightSender:
         if self.group is not None:
             stateless_destroy_torch_distributed_process_group(self.group)
             self.group = None
+
+
+def buckets_of(plan: UpdatePlan, tensors: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """A full mapping of named tensors as `send` takes it: bucket by bucket."""
+    for bucket in plan.buckets:
+        yield {plan.params[e.param].name: tensors[plan.params[e.param].name] for e in bucket.entries}
+
+
+def _entry_tensors(plan: UpdatePlan, buckets: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+    """Per plan bucket, its entries' tensors in entry order, drawing on `buckets` one
+    mapping per bucket; a tensor is dropped as soon as it is handed out."""
+    source, ready = iter(buckets), {}
+    for i, bucket in enumerate(plan.buckets):
+        ready.update(next(source, {}))
+        names = [plan.params[e.param].name for e in bucket.entries]
+        if missing := [n for n in names if n not in ready]:
+            raise WeightUpdateError(f"bucket {i}: the sender was given no tensor for {missing[:3]}")
+        yield [ready.pop(n) for n in names]

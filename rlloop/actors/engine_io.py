@@ -1,0 +1,67 @@
+"""What goes in and out of a GenerationEngine: its config, a request's sampling, the
+generation it answers with, and the numbers of an update."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlloop.defaults import default
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local HF directory (config + tokenizer; weights unless load_format="dummy")
+    dtype: str = default("model.dtype")
+    tensor_parallel_size: int = default("engines.tensor_parallel_size")
+    # on GPU; on CPU the KV cache is sized by cpu_kv_cache_bytes
+    gpu_memory_utilization: float = default("engines.gpu_memory_utilization")
+    max_model_len: int = default("engines.max_model_len")
+    max_num_seqs: int = default("engines.max_num_seqs")
+    seed: int = default("seed")
+    load_format: str = "auto"  # dummy: random weights (benchmarks); not a run setting
+    enforce_eager: bool = default("engines.enforce_eager")
+    receive_mode: str = default("engines.receive_mode")  # see rlloop.weights.receiver
+    # GPU only: sleep() / wake_up() free and retake the engine's memory
+    enable_sleep_mode: bool = default("engines.sleep_while_training")
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ignore_eos: bool = False
+    logprobs: bool = True
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt: str | list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # of each sampled token under the weights that sampled it
+    finish_reason: str | None
+    version_start: int  # weight version when the request was admitted
+    version_end: int  # weight version when it finished
+
+
+@dataclass
+class UpdateStats:
+    version: int
+    mode: str
+    bytes: int
+    pause_ms: float  # generation stall: pause .. resume
+    receive_ms: float  # receive + load on the workers (slowest worker)
+    total_ms: float
+    gbps: float
+
+
+@dataclass
+class EngineStats:
+    version: int = 0
+    updates: int = 0
+    rejected_updates: int = 0
+    requests_done: int = 0
+    tokens_generated: int = 0
+    in_flight: int = 0
+    last_update: dict = field(default_factory=dict)
