@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import asdict, replace
 
-from rlloop.actors.engine_io import EngineConfig, EngineStats, Generation, Sampling, UpdateStats
+from rlloop.actors.engine_io import EngineConfig, EngineCounters, Generation, Sampling, UpdateStats
 from rlloop.actors.vllm_process import OwnLogs, cpu_kv_cache_bytes, tree_rss_mb
 from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
@@ -56,13 +56,13 @@ class GenerationEngine:
             raise EngineStartError(f"vLLM engine for {config.model} failed to start: {e}\n"
                                    f"{logs.tail()}") from e
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
-        self.stats_ = EngineStats()
+        self.counters = EngineCounters()
         self._update_lock = asyncio.Lock()
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
 
     async def ready(self) -> dict:
-        return {"pid": os.getpid(), "model": self.config.model, "version": self.stats_.version,
+        return {"pid": os.getpid(), "model": self.config.model, "version": self.counters.version,
                 **placement()}
 
     # --- generation -------------------------------------------------------------------
@@ -77,29 +77,29 @@ class GenerationEngine:
     async def _run(self, prompt, sampling: Sampling):
         params = self._params(sampling)
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
-        start = self.stats_.version
-        self.stats_.in_flight += 1
-        report(in_flight=self.stats_.in_flight)
+        start = self.counters.version
+        self.counters.in_flight += 1
+        report(in_flight=self.counters.in_flight)
         try:
             async for out in self.llm.generate(engine_prompt, params, request_id=uuid.uuid4().hex):
                 yield out, start
         finally:
-            self.stats_.in_flight -= 1
-            report(in_flight=self.stats_.in_flight)
+            self.counters.in_flight -= 1
+            report(in_flight=self.counters.in_flight)
 
     def _generation(self, prompt, out, start: int) -> Generation:
         c = out.outputs[0]
         lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if c.logprobs else []
         return Generation(prompt, list(c.token_ids), c.text, lps, c.finish_reason,
-                          start, self.stats_.version)
+                          start, self.counters.version)
 
     async def generate_one(self, prompt: str | list[int], sampling: Sampling) -> Generation:
         final = None
         async for out, start in self._run(prompt, sampling):
             final = (out, start)
         gen = self._generation(prompt, *final)
-        self.stats_.requests_done += 1
-        self.stats_.tokens_generated += len(gen.token_ids)
+        self.counters.requests_done += 1
+        self.counters.tokens_generated += len(gen.token_ids)
         return gen
 
     async def generate(self, prompts: list, sampling: Sampling | None = None,
@@ -123,10 +123,10 @@ class GenerationEngine:
                 # the same list while this generator is suspended.
                 new = list(ids[seen:])
                 seen += len(new)
-                yield new, self.stats_.version
+                yield new, self.counters.version
             last = (out, start)
-        self.stats_.requests_done += 1
-        self.stats_.tokens_generated += seen
+        self.counters.requests_done += 1
+        self.counters.tokens_generated += seen
         yield self._generation(prompt, *last)
 
     # --- weights ----------------------------------------------------------------------
@@ -149,11 +149,11 @@ class GenerationEngine:
         try:
             request = resolve(update, self._plans)
             if update is request or (request.plan.key, mode) not in self._prepared:
-                validate_request(request, self.schema, self.stats_.version)
+                validate_request(request, self.schema, self.counters.version)
             else:
-                check_version(request.version, self.stats_.version)
+                check_version(request.version, self.counters.version)
         except WeightUpdateError:
-            self.stats_.rejected_updates += 1
+            self.counters.rejected_updates += 1
             raise
         return request
 
@@ -192,7 +192,7 @@ class GenerationEngine:
             try:
                 # The workers hold the plan: only its key and the version cross.
                 results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
-                self.stats_.version = request.version
+                self.counters.version = request.version
             finally:
                 await self.llm.resume_generation()
             t2 = time.perf_counter()
@@ -202,10 +202,10 @@ class GenerationEngine:
                 version=request.version, mode=results[0]["mode"], bytes=nbytes,
                 pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
                 gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0)
-            self.stats_.updates += 1
-            self.stats_.last_update = asdict(stats)
+            self.counters.updates += 1
+            self.counters.last_update = asdict(stats)
             report(weight_version=stats.version, update_ms=stats.total_ms, stall_ms=stats.pause_ms,
-                   transfer_gbps=stats.gbps, in_flight=self.stats_.in_flight)
+                   transfer_gbps=stats.gbps, in_flight=self.counters.in_flight)
             return stats
 
     async def sleep(self, level: int = 1) -> dict:
@@ -213,8 +213,8 @@ class GenerationEngine:
         needs enable_sleep_mode): level 1 moves the weights to host memory and drops the
         KV cache, level 2 drops both (the next full weight update rewrites every
         parameter). Refused while requests are in flight: vLLM would abort them."""
-        if self.stats_.in_flight:
-            raise RuntimeError(f"engine sleep refused: {self.stats_.in_flight} requests in flight would be aborted")
+        if self.counters.in_flight:
+            raise RuntimeError(f"engine sleep refused: {self.counters.in_flight} requests in flight would be aborted")
         before = await self._free_device_bytes()
         t0 = time.perf_counter()
         await self.llm.sleep(level)
@@ -232,10 +232,10 @@ class GenerationEngine:
         return min(await self.llm.collective_rpc("rl_free_device_bytes"))
 
     def version(self) -> int:
-        return self.stats_.version
+        return self.counters.version
 
     def stats(self) -> dict:
-        return {**asdict(self.stats_), "rss_mb": tree_rss_mb()}
+        return {**asdict(self.counters), "rss_mb": tree_rss_mb()}
 
     async def shutdown(self) -> None:
         self.llm.shutdown()

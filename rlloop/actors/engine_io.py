@@ -57,7 +57,7 @@ class UpdateStats:
 
 
 @dataclass
-class EngineStats:
+class EngineCounters:
     version: int = 0
     updates: int = 0
     rejected_updates: int = 0

@@ -1,20 +1,21 @@
 """A single-process learner on a transformers model and a torch optimizer.
 
 The quick learner for CPU runs and small models; megatron_learner.py is the one for
-TP/DP. Both answer the same methods (policy.py plus `weight_plan`,
-`join_weight_group`, `send_weights`, `save`, `load_checkpoint`).
+TP/DP. Both answer the learner contract (contract.py).
 It is also the weight sender: rank 0 of the weight group, so weights flow straight
 from the learner to the engines.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.sender import WeightSender, buckets_of
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
                                     resolve)
+from rlloop.weights.sender import WeightSender, buckets_of
 
 
 class HFLearner(PolicyLearner):
@@ -71,12 +72,15 @@ class HFLearner(PolicyLearner):
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
         self.sender = WeightSender(cfg, self.device, in_place=True)  # ipc: parameters are shared as they are
 
+    def export(self, plan: UpdatePlan) -> Iterator[dict[str, torch.Tensor]]:
+        """The parameters as `plan`'s buckets (no copies: the tensors themselves)."""
+        return buckets_of(plan, self._tensors())
+
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
-        tensors = self._tensors()
-        self.sender.check(request, tensors)
-        sent = self.sender.send(request, buckets_of(request.plan, tensors))
+        self.sender.check(request, self._tensors())
+        sent = self.sender.send(request, self.export(request.plan))
         self.sent_version = request.version
         return sent
 

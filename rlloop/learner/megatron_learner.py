@@ -5,7 +5,7 @@ Each rank builds a `GPTModel` (local layer spec, no Transformer Engine) from an 
 config, loads its TP shard from the HF safetensors directory, trains its DP share of
 each batch, and takes part in exporting the weights:
 
-  export  for each bucket of the HF update plan, the TP ranks gather the Megatron
+  export  (megatron_weights.py) for each bucket of the HF update plan, the TP ranks gather the Megatron
           parameters that bucket needs onto TP rank 0 (global rank 0) in one
           collective; rank 0 converts them to HF tensors, packs them into the bucket
           and broadcasts it to every engine worker over the weight group. Beyond its
@@ -20,25 +20,20 @@ is megatron's (DistributedDataParallel + mixed-precision Adam with fp32 masters)
 """
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from rlloop.learner import megatron_shims
-from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_hf, to_megatron, units
+from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_megatron, units
+from rlloop.learner.megatron_weights import MegatronWeights, SafetensorsDir
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
-from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.protocol import (DTYPES, ParameterInfo, UpdatePlan, UpdateTicket, WeightUpdateError,
-                                     WeightUpdateRequest, dtype_name, make_plan, resolve)
+from rlloop.weights.protocol import DTYPES, ParameterInfo, UpdatePlan, dtype_name
 
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
-SAVE_SHARD_BYTES = 2 << 30  # per safetensors file of a saved checkpoint
-TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens")
 
 
 def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device):
@@ -67,30 +62,7 @@ def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device):
     return model.to(device=device, dtype=dtype)  # the norms are created as fp32 CPU modules
 
 
-class _SafetensorsDir(Mapping):
-    """HF tensors of a local checkpoint directory, read one at a time on demand."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        self._files = {}
-        for f in sorted(Path(path).glob("*.safetensors")):
-            handle = safe_open(str(f), framework="pt")
-            self._files.update({k: handle for k in handle.keys()})
-        if not self._files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._files[name].get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-
-class MegatronLearner(PolicyLearner):
+class MegatronLearner(MegatronWeights, PolicyLearner):
     def __init__(self, cfg: LearnerConfig, rank: int, master_addr: str, master_port: int):
         from megatron.core import parallel_state
         from transformers import AutoConfig
@@ -145,7 +117,7 @@ class MegatronLearner(PolicyLearner):
 
     def _load(self, path: str):
         model = build_gpt(self.arch, self.tp_size, self.dtype, self.device)
-        self._copy_in(model, _SafetensorsDir(path))
+        self._copy_in(model, SafetensorsDir(path))
         return model
 
     def _copy_in(self, model, hf: Mapping[str, torch.Tensor]) -> None:
@@ -259,140 +231,3 @@ class MegatronLearner(PolicyLearner):
                     sharded += sq
         dist.all_reduce(sharded, group=self.tp_group)
         return (sharded + replicated).sqrt().item()
-
-    # --- weights ----------------------------------------------------------------------
-
-    def gather_hf(self, group: list[Unit]) -> dict[str, torch.Tensor]:
-        """The HF tensors of every unit in `group`, on TP rank 0; other TP ranks send
-        their shards and get {}. The TP-sharded units travel in one gather (one
-        collective per bucket on export, not one per tensor). Every TP rank must call
-        this with the same groups in the same order."""
-        sharded = [u for u in group if u.kind != "replicated"] if self.tp_size > 1 else []
-        shards: dict[str, list[torch.Tensor]] = {}
-        if sharded:
-            local = [self.params[u.megatron].detach() for u in sharded]
-            flat = _flatten_dense_tensors(local)
-            parts = [torch.empty_like(flat) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-            dist.gather(flat, parts, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-            if self.tp_rank == 0:
-                per_rank = [_unflatten_dense_tensors(part, local) for part in parts]
-                shards = {u.megatron: [r[i] for r in per_rank] for i, u in enumerate(sharded)}
-        if self.tp_rank != 0:
-            return {}
-        out: dict[str, torch.Tensor] = {}
-        for u in group:
-            mine = self.params[u.megatron].detach()
-            out.update(to_hf(u, self.arch, shards.get(u.megatron, [mine] * self.tp_size)))
-        return out
-
-    def _export_order(self, plan: UpdatePlan) -> list[list[Unit]]:
-        """Per bucket, the units it is the first to need; cached per plan."""
-        order = self._order.get(plan.key)
-        if order is None:
-            unit_of = {n: u for u in self.units for n in u.hf}
-            seen: set[str] = set()
-            order = []
-            for bucket in plan.buckets:
-                group = []
-                for e in bucket.entries:
-                    u = unit_of[plan.params[e.param].name]
-                    if u.megatron not in seen:
-                        seen.add(u.megatron)
-                        group.append(u)
-                order.append(group)
-            self._order = {plan.key: order}
-        return order
-
-    def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
-        """The HF update plan, in the engines' names and shapes; computed once."""
-        if self._plan is None:
-            self._plan = make_plan(list(self.hf_params), bucket_bytes)
-        return self._plan
-
-    def join_weight_group(self, cfg: WeightGroupConfig) -> None:
-        from rlloop.weights.sender import WeightSender
-
-        if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
-            self.sender = WeightSender(cfg, self.device)
-
-    def export(self, plan: UpdatePlan) -> Iterator[dict[str, torch.Tensor]]:
-        """Per bucket of `plan`, in order, the HF tensors of the units it is the first to
-        need (WeightSender.send's shape): one gather of the TP shards per bucket, run
-        as the sender asks for the bucket. Every TP rank must run through it; ranks
-        other than TP rank 0 get {}."""
-        for group in self._export_order(plan):
-            yield self.gather_hf(group)
-
-    def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
-        """Export and send `update` (a ticket names the plan of `weight_plan`)."""
-        request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
-        if request.plan.params != self.hf_params:
-            raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
-        sent = {}
-        if self.rank == 0:
-            sent = self.sender.send(request, self.export(request.plan))
-        elif self.dp_rank == 0:  # feed rank 0's gathers
-            for _ in self.export(request.plan):
-                pass
-        self.sent_version = request.version
-        return sent
-
-    # --- checkpoints ------------------------------------------------------------------
-
-    def save(self, path: str, shard_bytes: int = SAVE_SHARD_BYTES) -> None:
-        """An HF directory (safetensors in shards of at most `shard_bytes`, each written
-        as soon as it fills, so no rank holds the whole model; config and tokenizer
-        copied from the source model) plus each rank's optimizer state."""
-        import json
-
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        shards: list[list[str]] = []  # tensor names per written file
-        pending: dict[str, torch.Tensor] = {}
-
-        def flush():
-            save_file(pending, str(out / f"model-part-{len(shards)}.safetensors"), metadata={"format": "pt"})
-            shards.append(list(pending))
-            pending.clear()
-
-        total = 0
-        if self.dp_rank == 0:
-            for u in self.units:  # TP ranks > 0 only send their shards (gather_hf gives {})
-                for name, t in self.gather_hf([u]).items():
-                    if name == "lm_head.weight" and self.arch.tied:
-                        continue  # HF stores a tied head once
-                    if pending and sum(x.nbytes for x in pending.values()) + t.nbytes > shard_bytes:
-                        flush()
-                    pending[name] = t.cpu()
-                    total += t.nbytes
-        if self.rank == 0:
-            flush()
-            n = len(shards)
-            names = (["model.safetensors"] if n == 1 else
-                     [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-            for i, name in enumerate(names):
-                (out / f"model-part-{i}.safetensors").rename(out / name)
-            if n > 1:
-                weight_map = {t: names[i] for i, shard in enumerate(shards) for t in shard}
-                (out / "model.safetensors.index.json").write_text(json.dumps(
-                    {"metadata": {"total_size": total},
-                     "weight_map": weight_map}, indent=1))
-            for f in Path(self.cfg.model).iterdir():
-                if f.name in ("config.json", "generation_config.json") or f.name.startswith(TOKENIZER_FILES):
-                    shutil.copy(f, out / f.name)
-        dist.barrier()
-        torch.save({"optimizer": self.opt.state_dict(), "steps": self.steps},
-                   out / f"learner_state_rank{self.rank}.pt")
-
-    def load_checkpoint(self, path: str) -> int:
-        """Weights and optimizer of a checkpoint (after a restart on the initial weights)."""
-        self._copy_in(self.model, _SafetensorsDir(path))
-        return self.load_optimizer(path)
-
-    def load_optimizer(self, path: str) -> int:
-        extra = torch.load(Path(path) / f"learner_state_rank{self.rank}.pt", weights_only=False)
-        self.opt.load_state_dict(extra["optimizer"])
-        self.steps = extra["steps"]
-        return self.steps

@@ -33,15 +33,6 @@ def wire_device(cfg: WeightGroupConfig, device: torch.device) -> torch.device:
     return torch.device(device) if cfg.backend == "nccl" else torch.device("cpu")
 
 
-def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """dst[i].copy_(src[i]) for all i; one fused kernel when devices agree."""
-    if dsts and dsts[0].device == srcs[0].device:
-        torch._foreach_copy_(dsts, srcs)
-    else:
-        for d, s in zip(dsts, srcs):
-            d.copy_(s)
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (NCCL broadcasts, copies) so timings are real."""
     if device.type == "cuda":

@@ -124,3 +124,12 @@ def bucket_view(buffer: torch.Tensor, plan: UpdatePlan, param: int, offset: int)
 def bucket_views(buffer: torch.Tensor, plan: UpdatePlan, bucket: int) -> list[tuple[int, torch.Tensor]]:
     return [(e.param, bucket_view(buffer, plan, e.param, e.offset))
             for e in plan.buckets[bucket].entries]
+
+
+def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i; one fused kernel when devices agree."""
+    if dsts and dsts[0].device == srcs[0].device:
+        torch._foreach_copy_(dsts, srcs)
+    else:
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)

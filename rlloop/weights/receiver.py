@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
+from .group import (WeightGroupConfig, broadcast_async, join_weight_group, synchronize,
                     wire_device)
-from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies
+from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies, copy_all
 from .protocol import UpdatePlan, WeightUpdateError, WeightUpdateRequest, unpack
 from .shared import SHARED_WIRES, OpenedRegion
 

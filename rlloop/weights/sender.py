@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from .group import (WeightGroupConfig, broadcast_async, copy_all, join_weight_group, synchronize,
+from .group import (WeightGroupConfig, broadcast_async, join_weight_group, synchronize,
                     wire_device)
-from .layout import bucket_views
+from .layout import bucket_views, copy_all
 from .protocol import DTYPES, UpdatePlan, WeightUpdateError, WeightUpdateRequest
 from .shared import SHARED_WIRES, SharedRegion
 
