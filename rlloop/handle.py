@@ -104,6 +104,7 @@ class RunHandle:
 def launch_config(cfg) -> RunHandle:
     """Start a run from a composed Hydra config (DictConfig)."""
     from rlloop.actors.coordinator import Coordinator
+    from rlloop.actors.placement import on_this_node
     from rlloop.config import build_run_config
 
     run_cfg = build_run_config(cfg)
@@ -111,11 +112,11 @@ def launch_config(cfg) -> RunHandle:
     if not ray.is_initialized():
         # "local", not None: None would join whatever cluster /tmp/ray/ray_current_cluster
         # names (another user's `ray start`, or a stale one: the run then hangs on it).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=cfg.ray.dashboard,
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=cfg.ray.dashboard,
                  log_to_driver=cfg.ray.log_to_driver,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
-    coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator/0", num_cpus=0,
-                                            max_concurrency=4).remote(run_cfg)
+    coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator/0", num_cpus=0, max_concurrency=4,
+                                            scheduling_strategy=on_this_node()).remote(run_cfg)
     return RunHandle(coord, coord.run.remote(), run_cfg)
 
 

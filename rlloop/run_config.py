@@ -17,6 +17,7 @@ class EnginesConfig:
     num_gpus: float | None  # per engine; None: its tensor_parallel_size
     max_restarts: int  # a restarted engine rejoins and gets the current weights
     sleep_while_training: bool  # engines sleep (GPU memory released) while the learner trains
+    node_resource: str | None  # only nodes with this custom resource (actors/placement.py)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,13 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from rlloop.actors.placement import CapacityError
+
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, CapacityError) as e:
         _remove_if_unused(Path(cfg.output_dir))
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)  # raised in the coordinator: its own words
         sys.exit(2)
 
 

@@ -107,7 +107,7 @@ def test_the_gpu_recipe_is_colocated_and_warms_up_until_samples_earn_reward(tmp_
     run = build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}"]))
     assert run.model == str(model)  # model.path wins over the recipe's preset
     assert run.engines.num_gpus == run.learner.gpus == 0.5 and run.weights.backend == "auto" and run.trainer.pipelined
-    assert run.trainer.sft_target_reward == 0.3 and run.trainer.sft_steps >= run.trainer.sft_check_every
+    assert 0 < run.trainer.sft_target_reward < 1 and run.trainer.sft_steps >= run.trainer.sft_check_every
     assert run.learner.backend == "megatron" and run.learner.dtype == "bfloat16"
     assert all(int(a) <= 99 and int(b) <= 99 for a, b in (p.prompt[:-1].split("+") for p in run.rollout.problems))
     assert 150 <= len(run.eval.problems) <= 250  # 2% of the 10,000 distinct two-digit sums

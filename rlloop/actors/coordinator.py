@@ -84,7 +84,8 @@ class Coordinator:
             "wall_s": time.perf_counter() - t_start, "weight_version": self.fleet.version,
             "weights_backend": self.fleet.wire, "dropped_stale": self.rollouts.dropped_stale,
             **self.fleet.counters(), "restored_learner_steps": self.fleet.restored_learner_steps,
-            "requests_reissued": self.rollouts.requests_reissued, "sft_checks": self.sft_checks})
+            "requests_reissued": self.rollouts.requests_reissued, "sft_checks": self.sft_checks,
+            "placement": self.fleet.nodes()})
         trackers.close(plot=self.out / "reward.png")
         return summary
 

@@ -242,18 +242,22 @@ class GenerationEngine:
 
 
 def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None,
-                 max_restarts: int = 0, cls: type = GenerationEngine):
+                 max_restarts: int = 0, cls: type = GenerationEngine, node_resource: str | None = None):
     """Start a GenerationEngine (or a subclass, `cls`) Ray actor; on GPU it reserves
     tensor_parallel_size GPUs.
     With max_restarts, Ray restarts a dead engine (on its initial weights, outside the
-    weight group): whoever drives it must re-form the group and resend (Coordinator)."""
+    weight group): whoever drives it must re-form the group and resend (Fleet). Engines
+    spread over the nodes (those with `node_resource`, if given)."""
     import ray
     import torch
 
     if num_gpus is None:
         num_gpus = config.tensor_parallel_size if torch.cuda.is_available() else 0
+    from rlloop.actors.placement import engine_options
+
     opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000, max_restarts=max_restarts,
-                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}})
+                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
+                **engine_options(node_resource))
     if name:
         opts["name"] = name
     return ray.remote(cls).options(**opts).remote(config)

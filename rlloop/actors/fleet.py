@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from rlloop.actors.engine import engine_actor
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
+from rlloop.actors.placement import check_capacity
 from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
 from rlloop.learner.policy import Sample
 from rlloop.run_config import RunConfig
@@ -29,9 +31,14 @@ RECOVERY_ATTEMPTS = 3  # another actor may die while a recovery runs: start it o
 class Fleet:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        e = cfg.engines
+        e, learner = cfg.engines, cfg.learner
+        engine_gpus = e.engine.tensor_parallel_size if e.num_gpus is None and torch.cuda.is_available() else e.num_gpus
+        ranks = learner.tensor_parallel_size * learner.data_parallel_size if learner.backend == "megatron" else 1
+        check_capacity({"engines": e.count * (engine_gpus or 0), "learner": ranks * learner.gpus},
+                       {"engines.node_resource": e.node_resource, "learner.node_resource": learner.node_resource})
         self.engines = [engine_actor(e.engine, name=f"{cfg.name}/engine/{i}", num_gpus=e.num_gpus,
-                                     max_restarts=e.max_restarts) for i in range(e.count)]
+                                     max_restarts=e.max_restarts, node_resource=e.node_resource)
+                        for i in range(e.count)]
         self.learner = LearnerGroup(cfg.learner, cfg.name)
         self.version = 0  # of the weights the engines serve
         self.failures = 0
@@ -43,6 +50,7 @@ class Fleet:
             ray.get([e.ready.remote() for e in self.engines])
             self._form_group()
             self.plan = self.learner.weight_plan(self._bucket_bytes)
+            print(f"[rlloop] {cfg.name} placement (node ids): {self.nodes()}", flush=True)
         except BaseException:
             self.kill()  # nothing of a run that did not start stays behind
             raise
@@ -50,6 +58,12 @@ class Fleet:
     @property
     def _bucket_bytes(self) -> int:
         return int(self.cfg.weights.bucket_mb * 2**20)
+
+    def nodes(self) -> dict[str, str]:
+        """Each actor's node: {"learner/0": id, ..., "engine/0": id, ...}."""
+        engines = ray.get([e.ready.remote() for e in self.engines])
+        return {**{f"learner/{r}": n for r, n in enumerate(self.learner.nodes())},
+                **{f"engine/{i}": info["node"] for i, info in enumerate(engines)}}
 
     def counters(self) -> dict:
         return {"failures": self.failures, "learner_restores": self.learner_restores}
@@ -107,7 +121,9 @@ class Fleet:
         if self.wire == "auto":
             self.wire = auto_backend(self.learner.placement(), ray.get([e.ready.remote() for e in self.engines]))
         tp = [cfg.engines.engine.tensor_parallel_size] * len(self.engines)
-        self.group = weight_group_config(tp, self.wire, timeout_s=cfg.weights.timeout_s)
+        # The sender (learner rank 0) serves the rendezvous, at its node's address.
+        host, port = self.learner.ranks.rendezvous()
+        self.group = weight_group_config(tp, self.wire, host=host, port=port, timeout_s=cfg.weights.timeout_s)
         joins = join_engines(self.engines, tp, self.group)
         ray.get([*self.learner.join_weight_group(self.group), *joins], timeout=cfg.weights.timeout_s)
         self.pusher = UpdatePusher(self.engines, shared=self.wire in SHARED_WIRES)
@@ -185,3 +201,4 @@ class Fleet:
                 ray.get(e.shutdown.remote(), timeout=30)
             except Exception:  # already dead: nothing left to stop
                 pass
+        self.learner.kill()  # and its placement on the cluster

@@ -10,28 +10,30 @@ from __future__ import annotations
 import ray
 
 from rlloop.actors.liveness import ACTOR_TROUBLE, wait_ready
+from rlloop.actors.placement import PackedRanks
 from rlloop.learner.policy import LearnerConfig, Sample
-from rlloop.weights.group import WeightGroupConfig, free_port
+from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import UpdatePlan, UpdateTicket, WeightUpdateRequest
 
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, name: str):
+        if cfg.backend not in ("hf", "megatron"):
+            raise ValueError(f"learner backend {cfg.backend!r}: expected hf or megatron")
+        world = cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.backend == "megatron" else 1
+        self.ranks = PackedRanks(name, world, cfg.gpus, cfg.node_resource)  # all on one node
         if cfg.backend == "hf":
             from rlloop.learner.hf_learner import HFLearner
 
             cls, args = HFLearner, [(cfg,)]
-        elif cfg.backend == "megatron":
+        else:
             from rlloop.learner.megatron_learner import MegatronLearner
 
-            host = ray.util.get_node_ip_address()
-            port = free_port(host)  # rank 0 serves the torch.distributed rendezvous here
-            world = cfg.tensor_parallel_size * cfg.data_parallel_size
+            host, port = self.ranks.rendezvous()  # rank 0 serves the torch.distributed rendezvous there
             cls, args = MegatronLearner, [(cfg, r, host, port) for r in range(world)]
-        else:
-            raise ValueError(f"learner backend {cfg.backend!r}: expected hf or megatron")
         self.actors = [ray.remote(cls).options(name=f"{name}/learner/{r}", num_cpus=0, num_gpus=cfg.gpus,
-                                               max_restarts=cfg.max_restarts).remote(*a)
+                                               max_restarts=cfg.max_restarts,
+                                               scheduling_strategy=self.ranks.strategy(r)).remote(*a)
                        for r, a in enumerate(args)]
 
     def _submit(self, method: str, *args) -> list[ray.ObjectRef]:
@@ -105,6 +107,12 @@ class LearnerGroup:
             ray.kill(actor, no_restart=False)
         return self.wait_ready(deadline)
 
+    def nodes(self) -> list[str]:
+        """Each rank's node id."""
+        return [p["node"] for p in ray.get([a.placement.remote() for a in self.actors])]
+
     def kill(self) -> None:
+        """End every rank and free their placement on the cluster."""
         for actor in self.actors:
             ray.kill(actor)
+        self.ranks.release()

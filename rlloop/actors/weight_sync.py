@@ -17,10 +17,11 @@ from rlloop.weights.sender import WeightSender
 
 
 def weight_group_config(tp_sizes: Sequence[int], backend: str, host: str | None = None,
-                        timeout_s: float = 120.0) -> WeightGroupConfig:
-    """Sender = rank 0 on this node; engine e's workers follow those of engines < e."""
+                        timeout_s: float = 120.0, port: int | None = None) -> WeightGroupConfig:
+    """Sender = rank 0, at `host:port` (default: this node, a free port); engine e's
+    workers follow those of engines < e."""
     host = host or ray.util.get_node_ip_address()
-    return WeightGroupConfig(host, free_port(host), 1 + sum(tp_sizes), backend, timeout_s)
+    return WeightGroupConfig(host, port or free_port(host), 1 + sum(tp_sizes), backend, timeout_s)
 
 
 def join_engines(engines: Sequence, tp_sizes: Sequence[int], cfg: WeightGroupConfig) -> list:

@@ -50,6 +50,7 @@ class LearnerConfig:
     loss: str = default("learner.loss")
     gpus: float = default("learner.gpus")  # per rank; 1: its own GPU, 0.5: half of one (shared with an engine)
     max_restarts: int = default("learner.max_restarts")  # a restarted learner reloads the last checkpoint
+    node_resource: str | None = default("learner.node_resource")  # only nodes with this custom resource
 
 
 def resolve_loss(spec: str):
