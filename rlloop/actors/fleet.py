@@ -22,6 +22,7 @@ from rlloop.actors.placement import check_capacity
 from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
 from rlloop.learner.policy import Sample
 from rlloop.run_config import RunConfig
+from rlloop.weights.group import WeightGroupTimeout
 from rlloop.weights.protocol import WeightUpdateError, WeightUpdateRequest
 from rlloop.weights.shared import SHARED_WIRES
 
@@ -124,8 +125,14 @@ class Fleet:
         # The sender (learner rank 0) serves the rendezvous, at its node's address.
         host, port = self.learner.ranks.rendezvous()
         self.group = weight_group_config(tp, self.wire, host=host, port=port, timeout_s=cfg.weights.timeout_s)
-        joins = join_engines(self.engines, tp, self.group)
-        ray.get([*self.learner.join_weight_group(self.group), *joins], timeout=cfg.weights.timeout_s)
+        members = {**{f"learner/{r}": ref for r, ref in enumerate(self.learner.join_weight_group(self.group))},
+                   **{f"engine/{i}": ref for i, ref in enumerate(join_engines(self.engines, tp, self.group))}}
+        _, pending = ray.wait(list(members.values()), num_returns=len(members), timeout=cfg.weights.timeout_s)
+        if pending:
+            late = [name for name, ref in members.items() if ref in pending]
+            raise WeightGroupTimeout(f"weight group {host}:{port} ({self.wire}): {', '.join(late)} did not join "
+                                     f"within weights.timeout_s={cfg.weights.timeout_s:g}")
+        ray.get(list(members.values()))  # a member that failed to join raises its own error
         self.pusher = UpdatePusher(self.engines, shared=self.wire in SHARED_WIRES)
 
     def _send(self) -> dict:
@@ -149,7 +156,7 @@ class Fleet:
                 try:
                     self._regroup()
                     return
-                except ACTOR_TROUBLE as e:
+                except (*ACTOR_TROUBLE, WeightGroupTimeout) as e:  # a member still coming back
                     if attempt + 1 == RECOVERY_ATTEMPTS:
                         raise
                     error = e
