@@ -1,4 +1,4 @@
-"""The defaults of every typed config, read from the base yaml (conf/config.yaml): a
+"""The defaults of every typed config, read from the base yaml (rlloop/conf/config.yaml): a
 default is written there and only there, so a dataclass built in code (tests,
 benchmarks, notebooks) and a run composed by Hydra start from the same values."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (pyproject package-data)
 
 
 @cache

@@ -1,4 +1,4 @@
-"""What one run is, section by section as in conf/config.yaml. These hold no defaults:
+"""What one run is, section by section as in rlloop/conf/config.yaml. These hold no defaults:
 config.py builds them from the composed yaml, the one place where defaults live."""
 from __future__ import annotations
 

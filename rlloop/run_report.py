@@ -69,6 +69,55 @@ def mode_numbers(rows: list[dict], summary: dict | None, target: float) -> dict:
     }
 
 
+def plot_reward_vs_time(curves: list[tuple[str, dict]], path: Path) -> None:
+    """Reward against wall time from the first GRPO step, one line per (label,
+    mode_numbers + "rows") run: startup and the SFT warm-up (kernel caches warm or
+    cold) are reported apart, as startup_and_sft_s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, r in curves:
+        ax.plot([x["time_s"] - r["startup_and_sft_s"] for x in r["rows"]], [x["reward_mean"] for x in r["rows"]],
+                "-", label=f"{label} ({r['steps_per_hour']:.0f} steps/h)")
+    ax.set_xlabel("wall time from the first GRPO step (s)")
+    ax.set_ylabel("reward (rollout mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(packages: tuple[str, ...]) -> dict:
+    """What a benchmark record says it ran on: Python, the date, each package's version
+    (a missing one is part of the record), the device and the checkout's commit."""
+    import platform
+    import subprocess
+    import time
+
+    env = {"python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    for name in packages:
+        try:
+            env[name] = __import__(name, fromlist=["__version__"]).__version__
+        except Exception as e:
+            env[name] = f"unavailable ({type(e).__name__})"
+    try:
+        import torch
+
+        env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    except Exception:
+        env["device"] = "unknown"
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip()
+    except OSError:
+        env["commit"] = None
+    return env
+
+
 def summary_line(summary: dict) -> str:
     k = summary["reward_k"]
     held_out = (f", eval {summary['eval_first']:.2f} -> {summary['eval_last']:.2f} on "

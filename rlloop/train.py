@@ -1,6 +1,6 @@
 """Entry point: `python -m rlloop.train +conf=grpo [overrides]`.
 
-Reads the Hydra config (conf/), builds the tiny model when no model.path is given,
+Reads the Hydra config (rlloop/conf/), builds the tiny model when no model.path is given,
 starts a local Ray cluster (or joins RAY_ADDRESS), runs the coordinator and prints a
 one-line summary. Metrics go to <output_dir>/metrics.jsonl, the curve to reward.png.
 """

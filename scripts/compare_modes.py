@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rlloop.run_report import mode_numbers
+from rlloop.run_report import environment, mode_numbers, plot_reward_vs_time
 
 MODES = {"synchronous": ["trainer.pipelined=false"], "pipelined": ["trainer.pipelined=true"]}
 def run_mode(mode: str, overrides: list[str], out: Path, timeout_s: float) -> tuple[list[dict], dict | None]:
@@ -55,48 +54,6 @@ def run_mode(mode: str, overrides: list[str], out: Path, timeout_s: float) -> tu
     return rows, summary
 
 
-def environment() -> dict:
-    env = {"python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    for name in ("torch", "vllm", "ray", "megatron.core"):
-        try:
-            env[name] = __import__(name, fromlist=["__version__"]).__version__
-        except Exception as e:  # a missing package is part of the record
-            env[name] = f"unavailable ({type(e).__name__})"
-    try:
-        import torch
-
-        env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    except Exception:
-        env["device"] = "unknown"
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip()
-    except OSError:
-        env["commit"] = None
-    return env
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, r in results.items():
-        # From the first GRPO step: startup and the SFT warm-up (kernel caches warm or
-        # cold) are reported apart, as startup_and_sft_s.
-        ax.plot([x["time_s"] - r["startup_and_sft_s"] for x in r["rows"]], [x["reward_mean"] for x in r["rows"]],
-                "-", label=f"{mode} ({r['steps_per_hour']:.0f} steps/h)")
-    ax.set_xlabel("wall time from the first GRPO step (s)")
-    ax.set_ylabel("reward (rollout mean)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="results file; the plot and each run go beside it")
@@ -122,14 +79,22 @@ def main(argv=None):
                          **mode_numbers(rows, summary, args.reward_target), "rows": rows}
         print(f"[compare] {mode}: " + json.dumps({k: v for k, v in results[mode].items()
                                                   if k not in ("rows", "sft_checks", "overrides")}), flush=True)
-    record = {"environment": environment(), "modes": results}
+        # After every mode, not only at the end: a caller that stops this script (an outer
+        # timeout) still finds the modes that finished (2026-12-03: one lost its JSON so).
+        write(args.json, results)
+    if not results:
+        write(args.json, results)
+    print(f"[compare] wrote {args.json}", flush=True)
+
+
+def write(path: str, results: dict) -> None:
+    record = {"environment": environment(("torch", "vllm", "ray", "megatron.core")), "modes": results}
     if {"synchronous", "pipelined"} <= set(results) and results["synchronous"]["steps_per_hour"]:
         record["pipelined_over_synchronous"] = (results["pipelined"]["steps_per_hour"]
                                                 / results["synchronous"]["steps_per_hour"])
-    Path(args.json).write_text(json.dumps(record, indent=1))
+    Path(path).write_text(json.dumps(record, indent=1))
     if results:
-        plot(results, Path(args.json).with_suffix(".png"))
-    print(f"[compare] wrote {args.json}", flush=True)
+        plot_reward_vs_time(list(results.items()), Path(path).with_suffix(".png"))
 
 
 if __name__ == "__main__":
