@@ -9,7 +9,7 @@ held-out split greedily (`evaluate`) and draws the SFT warm-up's batches, so tha
 run's data comes from one seeded source.
 
 `rollout.function` names what builds the source ("module:function" or a class, called
-as `function(cfg, fleet, prompts)`); this class is the default, and a subclass may
+as `function(cfg, fleet, tokenizer)`); this class is the default, and a subclass may
 change one step of it (tests/user_plugins.py draws problems in order).
 """
 from __future__ import annotations
@@ -73,8 +73,9 @@ class RolloutSource(Protocol):
 
 
 class Rollouts:
-    def __init__(self, cfg: RunConfig, fleet, prompts: PromptEncoder):
-        self.cfg, self.fleet, self.prompts = cfg.rollout, fleet, prompts
+    def __init__(self, cfg: RunConfig, fleet, tokenizer):
+        self.cfg, self.fleet = cfg.rollout, fleet
+        self.prompts = PromptEncoder(tokenizer, cfg.rollout.prompt)
         self.eval_cfg = cfg.eval
         self.out = Path(cfg.output_dir)
         self.rng = random.Random(cfg.seed)

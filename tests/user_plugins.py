@@ -11,8 +11,8 @@ def doubled_reward(completion: str, answer: str) -> float:
 class InOrderRollouts(Rollouts):
     """The training problems in their order, cycling, instead of drawn at random."""
 
-    def __init__(self, cfg, fleet, prompts):
-        super().__init__(cfg, fleet, prompts)
+    def __init__(self, cfg, fleet, tokenizer):
+        super().__init__(cfg, fleet, tokenizer)
         self.drawn = 0
 
     def draw(self, n: int):

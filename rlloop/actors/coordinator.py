@@ -31,13 +31,10 @@ class Coordinator:
     def __init__(self, cfg: RunConfig):
         from transformers import AutoTokenizer
 
-        from rlloop.tasks.prompts import PromptEncoder
-
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.prompts = PromptEncoder(self.tokenizer, cfg.rollout.prompt)
         self.history: list[dict] = []
         self.sft_checks: list[dict] = []  # sampled reward during the SFT warm-up (sft_target_reward)
         self.sft_loss: float | None = None  # of the last SFT step
@@ -65,7 +62,7 @@ class Coordinator:
         cfg = self.cfg
         t_start = time.perf_counter()
         self.fleet = Fleet(cfg)
-        self.rollouts = import_function(cfg.rollout.function, "rollout function")(cfg, self.fleet, self.prompts)
+        self.rollouts = import_function(cfg.rollout.function, "rollout function")(cfg, self.fleet, self.tokenizer)
         first_step = self._restore() if cfg.resume else 0
         if not cfg.resume:
             self._sft()
