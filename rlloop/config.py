@@ -121,7 +121,7 @@ def build_run_config(cfg: DictConfig):
                               max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                               normalize_std=cfg.rollout.normalize_std, max_lag=lag,
                               zero_advantage=cfg.rollout.zero_advantage, refill_rounds=cfg.rollout.refill_rounds,
-                              dump_every=cfg.rollout.dump_every, seed=cfg.seed),
+                              dump_every=cfg.rollout.dump_every),
         eval=EvalConfig(problems=tuple(eval_problems), every=cfg.eval.every,
                         max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens),
         weights=WeightsConfig(backend=cfg.weights.backend, bucket_mb=cfg.weights.bucket_mb,

@@ -78,6 +78,7 @@ class Rollouts:
         self.prompts = PromptEncoder(tokenizer, cfg.rollout.prompt)
         self.eval_cfg = cfg.eval
         self.out = Path(cfg.output_dir)
+        self.seed = cfg.seed
         self.rng = random.Random(cfg.seed)
         self.reward = resolve_reward(self.cfg.reward)
         self.dropped_stale = 0
@@ -93,7 +94,7 @@ class Rollouts:
         problems = self.draw(cfg.batch_prompts)
         encoded = [self.prompts.ids(p.prompt) for p in problems]
         prompts = [ids for ids in encoded for _ in range(cfg.group_size)]
-        seeds = [sampling_seed(cfg.seed, step, first_prompt + g, k) for g in range(cfg.batch_prompts)
+        seeds = [sampling_seed(self.seed, step, first_prompt + g, k) for g in range(cfg.batch_prompts)
                  for k in range(cfg.group_size)]
         return self._dispatch(problems, prompts, Sampling(max_tokens=cfg.max_tokens, temperature=cfg.temperature),
                               seeds, cfg.group_size)

@@ -35,7 +35,6 @@ class RolloutConfig:
     zero_advantage: str  # drop | keep | refill (docs/objectives.md)
     refill_rounds: int  # zero_advantage=refill: extra rollouts per step at most
     dump_every: int  # steps; rollouts/step_N.jsonl and eval/step_N.jsonl (0: never)
-    seed: int
 
 
 @dataclass(frozen=True)

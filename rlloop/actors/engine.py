@@ -241,6 +241,16 @@ class GenerationEngine:
         self.llm.shutdown()
 
 
+def engine_gpus(config: EngineConfig, num_gpus: float | None) -> float:
+    """GPUs an engine reserves: `num_gpus`, or by default its tensor_parallel_size on a
+    GPU machine and none on CPU."""
+    import torch
+
+    if num_gpus is not None:
+        return num_gpus
+    return config.tensor_parallel_size if torch.cuda.is_available() else 0
+
+
 def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None,
                  max_restarts: int = 0, cls: type = GenerationEngine, node_resource: str | None = None):
     """Start a GenerationEngine (or a subclass, `cls`) Ray actor; on GPU it reserves
@@ -249,11 +259,10 @@ def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float 
     weight group): whoever drives it must re-form the group and resend (Fleet). Engines
     spread over the nodes (those with `node_resource`, if given)."""
     import ray
-    import torch
 
-    if num_gpus is None:
-        num_gpus = config.tensor_parallel_size if torch.cuda.is_available() else 0
     from rlloop.actors.placement import engine_options
+
+    num_gpus = engine_gpus(config, num_gpus)
 
     opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000, max_restarts=max_restarts,
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},

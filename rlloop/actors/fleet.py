@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
-from rlloop.actors.engine import engine_actor
+from rlloop.actors.engine import engine_actor, engine_gpus
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
 from rlloop.actors.placement import check_capacity
@@ -33,9 +32,8 @@ class Fleet:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         e, learner = cfg.engines, cfg.learner
-        engine_gpus = e.engine.tensor_parallel_size if e.num_gpus is None and torch.cuda.is_available() else e.num_gpus
         ranks = learner.tensor_parallel_size * learner.data_parallel_size if learner.backend == "megatron" else 1
-        check_capacity({"engines": e.count * (engine_gpus or 0), "learner": ranks * learner.gpus},
+        check_capacity({"engines": e.count * engine_gpus(e.engine, e.num_gpus), "learner": ranks * learner.gpus},
                        {"engines.node_resource": e.node_resource, "learner.node_resource": learner.node_resource})
         self.engines = [engine_actor(e.engine, name=f"{cfg.name}/engine/{i}", num_gpus=e.num_gpus,
                                      max_restarts=e.max_restarts, node_resource=e.node_resource)

@@ -79,8 +79,9 @@ class HFLearner(PolicyLearner):
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
-        self.sender.check(request, self._tensors())
-        sent = self.sender.send(request, self.export(request.plan))
+        tensors = self._tensors()  # once: checked, then sent
+        self.sender.check(request, tensors)
+        sent = self.sender.send(request, buckets_of(request.plan, tensors))
         self.sent_version = request.version
         return sent
 
