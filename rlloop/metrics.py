@@ -23,6 +23,8 @@ DESCRIPTIONS = {
     "rlloop_dropped_stale": "samples dropped for exceeding max_lag (total)",
     "rlloop_learner_step_ms": "wall time of the learner's last training step on this rank",
     "rlloop_learner_tok_s": "completion tokens of the last training batch per second of its step",
+    "rlloop_learner_tflops": "model FLOP/s per learner process in the last training step, in TFLOP/s",
+    "rlloop_learner_mfu": "model FLOPs utilisation of the last training step (over the device's peak)",
     "rlloop_learner_steps": "training steps the learner has taken (its policy version)",
     "rlloop_grad_norm": "gradient norm before clipping (last step, mean over mini-batches)",
 }
@@ -32,7 +34,8 @@ ROLES = {
                     "rlloop_kl", "rlloop_clip_frac", "rlloop_dropped_stale", "rlloop_eval_accuracy"),
     "engine": ("rlloop_weight_version", "rlloop_update_ms", "rlloop_stall_ms", "rlloop_transfer_gbps",
                "rlloop_in_flight"),
-    "learner": ("rlloop_learner_step_ms", "rlloop_learner_tok_s", "rlloop_learner_steps", "rlloop_grad_norm"),
+    "learner": ("rlloop_learner_step_ms", "rlloop_learner_tok_s", "rlloop_learner_tflops", "rlloop_learner_mfu",
+                "rlloop_learner_steps", "rlloop_grad_norm"),
 }
 TAG_KEYS = ("run", "role", "index")
 

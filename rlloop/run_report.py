@@ -25,6 +25,9 @@ def summarize(history: list[dict]) -> dict:
            "reward_last": sum(r[-k:]) / max(len(r[-k:]), 1), "reward_k": k,
            "stall_ms_median": stalls[len(stalls) // 2] if stalls else None,
            "tok_s_mean": sum(h["tok_s"] for h in history) / max(len(r), 1)}
+    for key in ("learner_tok_s", "learner_tflops", "learner_mfu"):  # the learner's speed
+        if (median := _median(history, key)) is not None:
+            out[f"{key}_median"] = median
     evals = [h for h in history if h.get("eval_accuracy") is not None]
     if evals:
         out.update(eval_first=evals[0]["eval_accuracy"], eval_last=evals[-1]["eval_accuracy"],

@@ -220,3 +220,40 @@ def test_bad_objective_is_refused_naming_the_field(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=f"^{field} must"):
         Objective(**bad)
+
+
+def test_token_budget_micro_batches_sort_by_length_and_never_exceed_the_budget():
+    from rlloop.learner.policy import micro_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 300, (200,), generator=g).tolist()
+    batches = micro_batches(lengths, size=0, max_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(200))  # every sample exactly once
+    padded = [len(b) * max(lengths[i] for i in b) for b in batches]
+    assert max(padded) <= 1024
+    # longest first: little padding is computed (here under 5% of the padded tokens)
+    assert 1 - sum(lengths) / sum(padded) < 0.05
+    assert micro_batches([5, 9, 3], size=2, max_tokens=0) == [[0, 1], [2]]  # no budget: consecutive
+    assert micro_batches([], size=0, max_tokens=64) == []
+    with pytest.raises(ValueError, match="sample of 70 tokens exceeds learner.max_tokens_per_micro_batch=64"):
+        micro_batches([10, 70], size=0, max_tokens=64)
+
+
+def test_model_flops_of_a_step_count_matmuls_and_causal_attention():
+    from rlloop.learner.flops import matmul_params, peak_flops, step_flops
+    from rlloop.learner.hf_megatron import Arch
+
+    # Qwen2.5-1.5B's shape: 1.31e9 matmul weights in the layers, 0.23e9 in the head
+    arch = Arch(num_layers=28, hidden_size=1536, num_heads=12, num_kv_heads=2, head_dim=128,
+                ffn_hidden_size=8960, vocab_size=151936, rms_eps=1e-6, rope_theta=1e6, max_positions=32768,
+                tied=True, qkv_bias=True, qk_norm=False)
+    n = matmul_params(arch)
+    assert n == 28 * (1536 * (1536 + 2 * 256) + 1536 * 1536 + 3 * 1536 * 8960) + 1536 * 151936
+    s = 1000
+    one = step_flops(arch, [s])
+    assert one == pytest.approx(3 * (2 * n * s + 2 * 28 * s * s * 1536))
+    assert step_flops(arch, [s], extra_forwards=1) == pytest.approx(one * 4 / 3)
+    assert peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "float32") is None  # no fp32 peak in the table
+    assert peak_flops("cpu", "float32", 1.5) == 1.5e12

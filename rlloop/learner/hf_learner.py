@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from rlloop.learner.hf_megatron import UnsupportedModel, arch_from_hf
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
@@ -36,6 +37,11 @@ class HFLearner(PolicyLearner):
         if cfg.objective.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        try:  # model FLOPs (MFU) for the families the formula covers
+            self.arch = arch_from_hf(self.model.config)
+        except UnsupportedModel:
+            self.arch = None
+        self._set_peak()
         self.sender = None
         self._plan: UpdatePlan | None = None
         self.steps = 0

@@ -1,7 +1,8 @@
 """The megatron-core learner: one Ray actor per rank, TP x DP ranks joined by
 torch.distributed (gloo on CPU, nccl on GPU) and megatron's parallel_state.
 
-Each rank builds a `GPTModel` (local layer spec, no Transformer Engine) from an HF
+Each rank builds a `GPTModel` (megatron's local layer spec with the core attention
+that `learner.attention` picks, attention.py; Transformer Engine optional) from an HF
 config, loads its TP shard from the HF safetensors directory, trains its DP share of
 each batch, and takes part in exporting the weights:
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from rlloop.learner import megatron_shims
+from rlloop.learner.attention import layer_spec, needs_mask, resolve
 from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_megatron, units
 from rlloop.learner.megatron_weights import MegatronWeights, SafetensorsDir
 from rlloop.learner.policy import LearnerConfig, PolicyLearner
@@ -36,26 +38,38 @@ from rlloop.weights.protocol import DTYPES, ParameterInfo, UpdatePlan, dtype_nam
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
 
 
-def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device):
+RECOMPUTE = ("none", "selective", "full")
+
+
+def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device, attention: str = "local",
+              recompute: str = "none"):
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"learner.recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if recompute != "none" and device.type != "cuda":  # megatron's checkpointing saves CUDA RNG states
+        raise ValueError("learner.recompute needs a GPU; use recompute=none on CPU")
+    on_gpu = device.type == "cuda"
+    recompute_args = {} if recompute == "none" else dict(
+        recompute_granularity=recompute,
+        **({"recompute_method": "uniform", "recompute_num_layers": 1} if recompute == "full" else {}))
     config = TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
         ffn_hidden_size=arch.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=arch.rms_eps,
         add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
         gated_linear_unit=True, activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        # fused kernels need CUDA extensions (apex/TE); the unfused paths run anywhere
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        # SwiGLU's fusion is megatron's own (torch.jit) and needs a GPU; the others need
+        # CUDA extensions (apex/TE) this learner does not require
+        bias_activation_fusion=on_gpu, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True, tensor_model_parallel_size=tp_size,
         use_cpu_initialization=device.type == "cpu", perform_initialization=False,  # loaded next
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, **recompute_args,
     )
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm),
+    model = GPTModel(config, layer_spec(attention, arch.qk_norm),
                      vocab_size=arch.padded_vocab(tp_size), max_sequence_length=arch.max_positions,
                      position_embedding_type="rope", rotary_base=arch.rope_theta,
                      share_embeddings_and_output_weights=arch.tied, parallel_output=True)
@@ -91,6 +105,9 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         check_tp(self.arch, tp)
         self.units = units(self.arch)
         self.dtype = DTYPES[cfg.dtype]
+        self.attention = resolve(cfg.attention, on_gpu)
+        self.world_size = tp * dp
+        self._set_peak()
         self.model = self._load(cfg.model)
         self.ref = self._load(cfg.model).eval() if cfg.objective.kl_coef > 0 else None
         self.params = dict(self.model.named_parameters())
@@ -116,7 +133,7 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
     # --- model ------------------------------------------------------------------------
 
     def _load(self, path: str):
-        model = build_gpt(self.arch, self.tp_size, self.dtype, self.device)
+        model = build_gpt(self.arch, self.tp_size, self.dtype, self.device, self.attention, self.cfg.recompute)
         self._copy_in(model, SafetensorsDir(path))
         return model
 
@@ -136,7 +153,7 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
 
         cfg = self.cfg
         self.ddp = DistributedDataParallel(
-            self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
+            self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.fp32_grads), self.model)
         self.opt = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay,
                             bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
@@ -147,8 +164,8 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         """This TP rank's slice of the logits, [N, T, padded_vocab / tp]."""
         model = model or self.ddp or self.model
         n, t = ids.shape
-        mask = self._causal.get(t)
-        if mask is None:  # megatron takes True = masked
+        mask = self._causal.get(t) if needs_mask(self.attention) else None
+        if mask is None and needs_mask(self.attention):  # megatron takes True = masked
             mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.device), 1)[None, None]
             self._causal = {t: mask}
         pos = torch.arange(t, device=self.device).expand(n, t)

@@ -46,6 +46,13 @@ class LearnerConfig:
     data_parallel_size: int = default("learner.data_parallel_size")  # megatron only
     # samples per forward/backward (gradients accumulate); 0: all at once
     micro_batch_size: int = default("learner.micro_batch_size")
+    # > 0: micro-batches of length-sorted samples whose padded size (samples x longest)
+    # stays within this many tokens; replaces micro_batch_size
+    max_tokens_per_micro_batch: int = default("learner.max_tokens_per_micro_batch")
+    attention: str = default("learner.attention")  # megatron: auto | sdpa | local | te (attention.py)
+    recompute: str = default("learner.recompute")  # megatron on GPU: none | selective | full activations
+    fp32_grads: bool = default("learner.fp32_grads")  # megatron on GPU: accumulate gradients in fp32
+    peak_tflops: float | None = default("learner.peak_tflops")  # MFU's denominator; null: by device name
     # "module:function" with policy_loss's signature: (LossInputs, Objective) -> (loss, metrics)
     loss: str = default("learner.loss")
     gpus: float = default("learner.gpus")  # per rank; 1: its own GPU, 0.5: half of one (shared with an engine)
@@ -56,6 +63,29 @@ class LearnerConfig:
 def resolve_loss(spec: str):
     """The policy loss named "module:function"."""
     return import_function(spec, "loss")
+
+
+def micro_batches(lengths: list[int], size: int, max_tokens: int) -> list[list[int]]:
+    """Indices of each micro-batch. With a token budget: samples sorted longest first,
+    each micro-batch as many as fit when padded to its longest (so little padding is
+    computed); else consecutive groups of `size` (0: one group)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    if max_tokens <= 0:
+        size = size or n
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    if order and lengths[order[0]] > max_tokens:
+        raise ValueError(f"a sample of {lengths[order[0]]} tokens exceeds "
+                         f"learner.max_tokens_per_micro_batch={max_tokens}")
+    out: list[list[int]] = []
+    for i in order:  # longest first: a micro-batch's first sample sets its padded width
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
@@ -69,6 +99,10 @@ def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         ids[i, :len(s)] = torch.tensor(s)
         comp[i, len(p) - 1:len(s) - 1] = True
     return ids.to(device), comp.to(device)
+
+
+def _length(s: Sample) -> int:
+    return len(s.prompt_ids) + len(s.completion_ids)
 
 
 class PolicyLearner:
@@ -104,9 +138,31 @@ class PolicyLearner:
     def dp_max(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def _micro_batches(self, n: int) -> list[slice]:
-        size = self.cfg.micro_batch_size or n
-        return [slice(i, i + size) for i in range(0, n, size)]
+    arch = None  # the model's Arch (hf_megatron.py) when known: model FLOPs and MFU
+    world_size = 1  # processes (GPUs) the step runs on
+    peak: float | None = None  # FLOP/s of one of them
+
+    def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        return micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+
+    def _set_peak(self) -> None:
+        """MFU's denominator: the configured peak, else the device's from the table."""
+        from rlloop.learner.flops import peak_flops
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak = peak_flops(name, self.cfg.dtype, self.cfg.peak_tflops)
+
+    def _speed(self, lengths: list[int], extra_forwards: int, ms: float) -> dict:
+        """learner_tflops (model FLOP/s per process) and learner_mfu (over its peak)."""
+        if self.arch is None:
+            return {}
+        from rlloop.learner.flops import step_flops
+
+        per_process = step_flops(self.arch, lengths, extra_forwards) / self.world_size / (ms / 1e3)
+        out = {"learner_tflops": per_process / 1e12}
+        if self.peak:
+            out["learner_mfu"] = per_process / self.peak
+        return out
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Backward of this rank's part of a loss that is already normalised over the
@@ -121,8 +177,8 @@ class PolicyLearner:
         total = self.dp_sum(torch.tensor(float(sum(map(len, targets))), dtype=torch.float64)).item()
         self.zero_grad()
         loss_sum = 0.0
-        for mb in self._micro_batches(len(prompts)):
-            ids, comp = pack_batch(prompts[mb], targets[mb], self.cfg.pad_id, self.device)
+        for mb in self._micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)]):
+            ids, comp = pack_batch([prompts[i] for i in mb], [targets[i] for i in mb], self.cfg.pad_id, self.device)
             tok, _ = self.token_logprobs(ids)
             loss = -(tok * comp).sum() / total
             self._backward(loss)
@@ -153,7 +209,8 @@ class PolicyLearner:
         mine = self.my_share(samples)
         k = self.cfg.ppo_mini_batches
         minis = [mine[i * len(mine) // k:(i + 1) * len(mine) // k] for i in range(k)]
-        parts = [[mini[mb] for mb in self._micro_batches(len(mini))] if mini else [] for mini in minis]
+        parts = [[[mini[i] for i in mb] for mb in self._micro_batches([_length(s) for s in mini])]
+                 for mini in minis]
         proximal = None
         if obj.anchor == "proximal":
             with torch.no_grad():
@@ -206,10 +263,13 @@ class PolicyLearner:
         if gap_n:
             out["logprob_gap"] = gap_sum / gap_n
         train_ms = (time.perf_counter() - t0) * 1e3
+        extra_forwards = (proximal is not None) + (obj.kl_coef > 0)
         result = {**out, "grad_norm": sum(grad_norms) / k, "train_ms": train_ms,
-                  "learner_tok_s": sum(len(s.completion_ids) for s in samples) / train_ms * 1e3}
+                  "learner_tok_s": sum(len(s.completion_ids) for s in samples) / train_ms * 1e3,
+                  **self._speed([_length(s) for s in samples], extra_forwards, train_ms)}
         report(learner_step_ms=train_ms, grad_norm=result["grad_norm"], learner_steps=self.steps,
-               learner_tok_s=result["learner_tok_s"])
+               learner_tok_s=result["learner_tok_s"], learner_tflops=result.get("learner_tflops"),
+               learner_mfu=result.get("learner_mfu"))
         return result
 
     def _logprob_gap(self, part: list[Sample], logp, behaviour, comp) -> torch.Tensor:
