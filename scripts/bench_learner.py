@@ -1,156 +1,207 @@
-"""Benchmark of the megatron-core learner in one run, with a vLLM engine beside it:
+"""Benchmark of the megatron learner's GRPO step at RL shapes: step time, tokens/s and
+MFU for each learner variant, one after another on the same samples (one run).
 
-- step_ms:         one GRPO optimizer step (forward, vocab-parallel log-probs, backward,
-                   optimizer) on --batch samples of 64 prompt + --completion tokens; median.
-- floor_ms:        the update's bytes over the same wire with no gather, conversion or
-                   loading: a raw broadcast (nccl, gloo) or one copy out of the shared
-                   region into an engine-owned buffer (ipc, shm).
-- export_ms:       one full update from the learner: per-bucket gather over TP ranks,
-                   Megatron -> HF conversion, pack, broadcast, engine load; median.
-- logprob_diff_*:  |learner log-prob - engine log-prob| over tokens the engine sampled,
-                   after the learner's weights were exported to it (same weights).
-- greedy_match:    engine greedy output after the export equals the learner's own
-                   greedy argmax continuation (teacher-forced check).
+Samples are what an RL batch looks like: --samples of them, prompts uniform in
+--prompt MIN:MAX tokens, responses long-tailed (log-normal around --response-median,
+clipped to --response MIN:MAX), random token ids, seeded. Each variant is a set of
+learner config overrides; the defaults are
 
-CPU:  python scripts/bench_learner.py --model tiny --tp 2 --json runs/bench_learner_cpu.json
-GPU:  python scripts/bench_learner.py --model qwen2.5-1.5b --tp 1 --json out.json
-      (learner and engine each on their own GPU when there are enough, over NCCL;
-       on a single GPU they share it and the weights go over CUDA IPC)
+  before  attention=local, micro_batch_size=4: megatron's unfused attention over
+          right-padded micro-batches of 4 samples in arrival order (the learner as
+          it was)
+  after   attention=auto, max_tokens_per_micro_batch=--budget: fused attention (TE if
+          importable, else torch SDPA) over length-sorted micro-batches of at most
+          --budget padded tokens
+
+Per variant: the median step over --repeats (after one warm-up step), all tokens per
+second (prompt + response, what the learner computes), learner_tflops / learner_mfu
+as the learner reports them (model FLOPs, learner/flops.py; peak by device name),
+the padded share of computed tokens, and the GPU's peak memory. With --profile, one
+more step runs under torch.profiler and its kernel time is summed by category
+(gemm, attention, softmax/cross-entropy, norm, elementwise, optimizer, communication).
+A variant that runs out of memory is recorded with its error and the next one runs.
+
+CPU:  python scripts/bench_learner.py --model tiny --samples 16 --prompt 8:24 --response 4:64 \\
+          --response-median 16 --budget 512 --json runs/bench_learner_cpu.json
+GPU:  python scripts/bench_learner.py --model qwen2.5-1.5b --profile --json out.json
+      python scripts/bench_learner.py --model qwen2.5-7b --variant after:recompute=full,fp32_grads=false ...
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import ray
 import torch
+from ray import cloudpickle
 
-from rlloop.actors.engine import EngineConfig, Sampling, engine_actor
 from rlloop.actors.learner_group import LearnerGroup
-from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
-from rlloop.learner.policy import LearnerConfig, Sample
+from rlloop.learner.policy import LearnerConfig, Sample, micro_batches
 from rlloop.models.presets import model_dir
-from rlloop.weights.protocol import WeightUpdateRequest
-from rlloop.weights.shared import SHARED_WIRES
+from rlloop.run_report import environment
 
-from probes import FloorEngine, greedy_agreement, learner_send_floor
+CATEGORIES = (  # first match wins, on the lower-cased kernel name
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "::mm", "bmm", "addmm")),
+    ("softmax/cross-entropy", ("softmax", "cross_entropy", "logsumexp", "nll")),
+    ("norm", ("norm",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("elementwise", ("elementwise", "vectorized", "copy", "fill", "cat", "index", "reduce", "mul", "add",
+                     "exp", "where", "silu", "swiglu", "rope", "rotary")),
+)
+
+
+def rl_samples(n: int, prompt: tuple[int, int], response: tuple[int, int], median: int, vocab: int,
+               seed: int) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = int(torch.randint(prompt[0], prompt[1] + 1, (), generator=g))
+        r = math.exp(math.log(median) + 0.8 * torch.randn((), generator=g).item())  # long right tail
+        r = int(min(max(r, response[0]), response[1]))
+        out.append(Sample(prompt_ids=torch.randint(2, vocab, (p,), generator=g).tolist(),
+                          completion_ids=torch.randint(2, vocab, (r,), generator=g).tolist(),
+                          behaviour_logprobs=[-1.0] * r, advantage=1.0 if i % 2 else -1.0, reward=0.0,
+                          version_start=0, version_end=0))
+    return out
+
+
+def peak_memory(learner, reset: bool) -> float | None:
+    """This rank's peak GPU memory since the last reset, GiB."""
+    if learner.device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(learner.device) / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats(learner.device)
+    return peak
+
+
+def profiled_step(learner, samples) -> dict:
+    """One train step under torch.profiler: kernel time by category, ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if learner.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        learner.train_step(samples)
+    by_cat: dict[str, float] = {}
+    top = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or 0
+        if learner.device.type != "cuda":
+            us = e.self_cpu_time_total
+        if us <= 0:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3
+        top.append((us / 1e3, e.key[:100], cat))
+    top.sort(reverse=True)
+    return {"kernel_ms_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"ms": round(ms, 2), "name": n, "category": c} for ms, n, c in top[:15]]}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"name:key=value,key=value" -> (name, learner overrides)."""
+    name, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        field = LearnerConfig.__dataclass_fields__.get(key)
+        if field is None:
+            raise SystemExit(f"--variant {name}: {key!r} is not a learner config field")
+        kind = type(getattr(LearnerConfig(model="x"), key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else (
+            kind(value) if kind in (int, float) else value)
+    return name, overrides
+
+
+def run_variant(name: str, overrides: dict, path: str, dtype: str, gpus: int, samples: list[Sample],
+                args) -> dict:
+    cfg = LearnerConfig(model=path, backend="megatron", dtype=dtype, lr=1e-6, gpus=1 if gpus else 0,
+                        **overrides)
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    mbs = micro_batches(lengths, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
+    computed = sum(len(b) * max(lengths[i] for i in b) for b in mbs)
+    row = {"variant": name, "overrides": overrides, "micro_batches": len(mbs),
+           "largest_micro_batch_tokens": max(len(b) * max(lengths[i] for i in b) for b in mbs),
+           "padded_fraction": 1 - sum(lengths) / computed}
+    learner = LearnerGroup(cfg, f"bench-{name}")
+    try:
+        learner.wait_ready(time.time() + 900)
+        learner.train_step(samples)  # warm-up: kernels, optimizer state
+        learner.apply(peak_memory, True)
+        steps = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            m = learner.train_step(samples)
+            steps.append(((time.perf_counter() - t0) * 1e3, m))
+        ms = statistics.median(s[0] for s in steps)
+        mid = sorted(steps, key=lambda s: s[0])[len(steps) // 2][1]
+        row.update(step_ms=ms, step_ms_all=[round(s[0], 1) for s in steps],
+                   tok_s=sum(lengths) / ms * 1e3,
+                   response_tok_s=sum(len(s.completion_ids) for s in samples) / ms * 1e3,
+                   learner_tflops=mid.get("learner_tflops"), learner_mfu=mid.get("learner_mfu"),
+                   peak_memory_gib=learner.apply(peak_memory, False), loss=mid["loss"])
+        if args.profile:
+            row.update(learner.apply(profiled_step, samples))
+    except Exception as e:  # out of memory, or a variant this device cannot run: record, go on
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    finally:
+        learner.kill()
+    print(f"[bench_learner] {json.dumps(row)}", flush=True)
+    return row
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny | qwen2.5-1.5b | qwen2.5-7b")
-    ap.add_argument("--tp", type=int, default=1, help="learner tensor-parallel size")
-    ap.add_argument("--batch", type=int, default=None, help="samples per step (default 64 GPU, 16 CPU)")
-    ap.add_argument("--completion", type=int, default=None, help="completion tokens (default 256 GPU, 32 CPU)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--bucket-mb", type=float, default=None, help="default: 1 on CPU, 512 on GPU")
+    ap.add_argument("--model", default="tiny", help="tiny | qwen2.5-1.5b | qwen2.5-7b (random weights)")
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--prompt", default="64:256", help="prompt tokens MIN:MAX (uniform)")
+    ap.add_argument("--response", default="64:1024", help="response tokens MIN:MAX (log-normal, clipped)")
+    ap.add_argument("--response-median", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=16384, help="max_tokens_per_micro_batch of `after`")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="name:key=value,... learner overrides (repeatable); default: before and after")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     gpus = torch.cuda.device_count()
     dtype = "bfloat16" if gpus else "float32"
-    batch = args.batch or (64 if gpus else 16)
-    completion = args.completion or (256 if gpus else 32)
-    bucket_mb = args.bucket_mb or (512 if gpus else 1)
+    variants = [parse_variant(v) for v in (args.variant or [
+        "before:attention=local,micro_batch_size=4",
+        f"after:attention=auto,max_tokens_per_micro_batch={args.budget}"])]
     path = str(model_dir(args.model, os.path.join(tempfile.mkdtemp(prefix="rlloop-bench-"), "model"),
                          dtype=dtype, weights=True))
-    # Own GPUs for engine and every learner rank when there are enough; else all share GPU 0.
-    own = gpus >= args.tp + 1
-    engine_gpus, learner_gpus = (1, 1) if own else ((0.5, 0.5 / args.tp) if gpus else (0, 0))
-
+    vocab = 90 if args.model == "tiny" else 5000
+    span = lambda s: tuple(int(x) for x in s.split(":"))  # noqa: E731
+    samples = rl_samples(args.samples, span(args.prompt), span(args.response), args.response_median, vocab, seed=0)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probes run on the learner's rank
     ray.init(include_dashboard=False, log_to_driver=False)
-    engine = engine_actor(EngineConfig(model=path, dtype=dtype, gpu_memory_utilization=0.3 if gpus else 0.05,
-                                       max_model_len=1024, enforce_eager=True),
-                          name="bench/engine/0", num_gpus=engine_gpus, cls=FloorEngine)
-    ray.get(engine.ready.remote())
-    learner = LearnerGroup(LearnerConfig(model=path, backend="megatron", tensor_parallel_size=args.tp,
-                                         dtype=dtype, lr=1e-6, micro_batch_size=4, gpus=learner_gpus), "bench")
-    learner.wait_ready(time.time() + 600)
-    # The wire a run would take (weights.backend=auto): ipc on a shared GPU, nccl
-    # between GPUs, shm on CPU.
-    backend = auto_backend(learner.placement(), [ray.get(engine.ready.remote())])
-    group = weight_group_config([1], backend, timeout_s=300)
-    ray.get([*learner.join_weight_group(group), *join_engines([engine], [1], group)])
-    plan = learner.weight_plan(int(bucket_mb * 2**20))
-    pusher = UpdatePusher([engine], shared=backend in SHARED_WIRES)
-    version = 0
-
-    def export():
-        nonlocal version
-        version += 1
-        req = WeightUpdateRequest(version, plan)
-        t0 = time.perf_counter()
-        stats, send = pusher.push(req, lambda: learner.send_weights(req.ticket()))
-        return (time.perf_counter() - t0) * 1e3, stats[0], send
-
-    export()  # warm-up: buffers, receiver state, first collectives
-    print("exported once", flush=True)
-    floor = []
-    for _ in range(args.repeats):
-        raw = WeightUpdateRequest(version, plan)
-        if pusher.shared:  # the region first, then the workers' copy out of it
-            learner.apply(learner_send_floor, plan)
-            floor.append(ray.get(engine.receive_raw.remote(raw))["worker_ms"])
-        else:
-            receiving = engine.receive_raw.remote(raw)
-            floor.append(learner.apply(learner_send_floor, plan)["send_ms"])
-            ray.get(receiving)
-    exports = [export() for _ in range(args.repeats)]
-
-    # Log-prob parity on tokens the engine samples with the exported weights.
-    g = torch.Generator().manual_seed(0)
-    vocab_hi = 90 if args.model == "tiny" else 5000
-    prompts = [torch.randint(2, vocab_hi, (16,), generator=g).tolist() for _ in range(16)]
-    sampled = ray.get(engine.generate.remote(prompts, Sampling(max_tokens=32, temperature=1.0,
-                                                               ignore_eos=True, seed=1)))
-    ours = learner.score(prompts, [s.token_ids for s in sampled])
-    diff = torch.cat([(torch.tensor(o) - torch.tensor(s.logprobs)).abs() for o, s in zip(ours, sampled)])
-    greedy = ray.get(engine.generate.remote(prompts[:4], Sampling(max_tokens=16, temperature=0.0,
-                                                                  ignore_eos=True)))
-    # The learner's argmax at every position of the engine's greedy sequence: equal
-    # when both compute the same function (bf16 ties aside).
-    argmax_agree = learner.apply(greedy_agreement, prompts[:4], [s.token_ids for s in greedy])
-
-    samples = [Sample(prompt_ids=prompts[i % len(prompts)] * 4,
-                      completion_ids=torch.randint(2, vocab_hi, (completion,), generator=g).tolist(),
-                      behaviour_logprobs=[-1.0] * completion, advantage=(-1.0) ** i, reward=0.0,
-                      version_start=0, version_end=0) for i in range(batch)]
-    learner.train_step(samples)  # warm-up
-    steps = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        m = learner.train_step(samples)
-        steps.append(((time.perf_counter() - t0) * 1e3, m["train_ms"]))
-
+    rows = [run_variant(name, overrides, path, dtype, gpus, samples, args) for name, overrides in variants]
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     result = {
-        "device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus, "model": args.model,
-        "dtype": dtype, "learner_tp": args.tp, "weight_backend": backend, "bytes": plan.total_bytes,
-        "buckets": len(plan.buckets),
-        "step_ms": statistics.median(s[0] for s in steps),
-        "step_ms_in_learner": statistics.median(s[1] for s in steps),
-        "step_tokens": batch * (64 + completion),
-        "floor_ms": statistics.median(floor),
-        "export_ms": statistics.median(e[0] for e in exports),
-        "export_send_ms": statistics.median(e[2]["send_ms"] for e in exports),
-        "export_receive_ms": statistics.median(e[1].receive_ms for e in exports),
-        "logprob_diff_max": diff.max().item(), "logprob_diff_mean": diff.mean().item(),
-        "logprob_tokens": diff.numel(), "greedy_argmax_agreement": argmax_agree,
-        "versions": {"vllm": __import__("vllm").__version__, "torch": torch.__version__, "ray": ray.__version__,
-                     "megatron-core": __import__("megatron.core").core.__version__},
+        "device": torch.cuda.get_device_name(0) if gpus else "cpu", "model": args.model, "dtype": dtype,
+        "samples": args.samples, "tokens": sum(lengths),
+        "response_tokens": sum(len(s.completion_ids) for s in samples),
+        "length_p50_p90_max": [statistics.quantiles(lengths, n=10)[4], statistics.quantiles(lengths, n=10)[8],
+                               max(lengths)],
+        "variants": rows, "versions": environment(("vllm", "torch", "ray", "megatron.core", "transformers")),
         "date": time.strftime("%Y-%m-%d"),
     }
-    result["export_over_floor"] = result["export_ms"] / result["floor_ms"]
     print(json.dumps(result, indent=1))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    ray.get(engine.shutdown.remote())
-    learner.kill()
     ray.shutdown()
 
 
