@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 def build_run_config(cfg: DictConfig):
     """Turn the Hydra config into typed dataclasses; a bad value names its key."""
     from rlloop.actors.engine_io import EngineConfig
-    from rlloop.learner.policy import LearnerConfig, resolve_loss
+    from rlloop.learner.policy import resolve_loss
     from rlloop.models.tiny import build_tiny_model
     from rlloop.plugins import import_function
     from rlloop.run_config import (EnginesConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig,
@@ -106,20 +106,11 @@ def build_run_config(cfg: DictConfig):
                           gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                           max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
                           receive_mode=e.receive_mode, enable_sleep_mode=sleep)
-    learner = cfg.learner
     return RunConfig(
         name=str(cfg.name), output_dir=str(out), model=model, seed=cfg.seed, resume=resume,
         engines=EnginesConfig(engine=engine, count=engines, num_gpus=e.num_gpus, max_restarts=e.max_restarts,
                               sleep_while_training=sleep, node_resource=e.node_resource),
-        learner=LearnerConfig(model=model, lr=learner.lr, sft_lr=learner.sft_lr, max_grad_norm=learner.max_grad_norm,
-                              objective=objective, ppo_mini_batches=learner.ppo_mini_batches, seed=cfg.seed,
-                              dtype=learner.dtype, backend=backend, tensor_parallel_size=tp, data_parallel_size=dp,
-                              micro_batch_size=learner.micro_batch_size,
-                              max_tokens_per_micro_batch=learner.max_tokens_per_micro_batch,
-                              attention=learner.attention, recompute=learner.recompute,
-                              fp32_grads=learner.fp32_grads, peak_tflops=learner.peak_tflops,
-                              loss=learner.loss, gpus=learner.gpus,
-                              max_restarts=learner.max_restarts, node_resource=learner.node_resource),
+        learner=learner_config(cfg, model, objective, backend, tp, dp),
         rollout=RolloutConfig(problems=tuple(problems), function=rollout_fn, reward=reward, prompt=prompt,
                               batch_prompts=cfg.rollout.batch_prompts, group_size=group,
                               max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
@@ -134,6 +125,23 @@ def build_run_config(cfg: DictConfig):
                               sft_target_reward=sft_target, sft_check_every=sft_every,
                               pipelined=cfg.trainer.pipelined, rollouts_ahead=ahead,
                               checkpoint_every=cfg.trainer.checkpoint_every, loggers=loggers))
+
+
+def learner_config(cfg: DictConfig, model: str, objective, backend: str, tp: int, dp: int):
+    from rlloop.learner.policy import LearnerConfig
+
+    learner = cfg.learner
+    try:
+        return LearnerConfig(
+            model=model, lr=learner.lr, sft_lr=learner.sft_lr, max_grad_norm=learner.max_grad_norm,
+            objective=objective, ppo_mini_batches=learner.ppo_mini_batches, seed=cfg.seed, dtype=learner.dtype,
+            backend=backend, tensor_parallel_size=tp, data_parallel_size=dp, micro_batch_size=learner.micro_batch_size,
+            max_tokens_per_micro_batch=learner.max_tokens_per_micro_batch, attention=learner.attention,
+            recompute=learner.recompute, fp32_grads=learner.fp32_grads, peak_tflops=learner.peak_tflops,
+            loss=learner.loss, gpus=learner.gpus, max_restarts=learner.max_restarts,
+            node_resource=learner.node_resource)
+    except ValueError as e:  # LearnerConfig's own checks name their key: "learner.<key> must ..."
+        raise ConfigError(f"config key '{str(e).split()[0]}': {e}") from None
 
 
 def _need(cfg: DictConfig, key: str, ok, what: str):

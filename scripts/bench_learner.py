@@ -92,10 +92,11 @@ def profiled_step(learner, samples) -> dict:
         learner.train_step(samples)
     by_cat: dict[str, float] = {}
     top = []
+    on_gpu = learner.device.type == "cuda"
     for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", 0) or 0
-        if learner.device.type != "cuda":
-            us = e.self_cpu_time_total
+        if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # kernels only: an aten op's device time is its kernels' again
+        us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
         if us <= 0:
             continue
         name = e.key.lower()

@@ -26,7 +26,10 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("eval.path=/nonexistent.jsonl", "eval.path"),
                           ("rollout.prompt_template='Q: {q}'", "rollout.prompt_template"),
                           ("rollout.chat_template=/nonexistent.jinja", "rollout.chat_template"),
-                          ("trainer.sft_steps=-1", "trainer.sft_steps")]:
+                          ("trainer.sft_steps=-1", "trainer.sft_steps"),
+                          ("learner.attention=flash3", "learner.attention"),
+                          ("learner.recompute=some", "learner.recompute"),
+                          ("learner.max_tokens_per_micro_batch=-1", "learner.max_tokens_per_micro_batch")]:
         cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
         try:
             build_run_config(cfg)

@@ -14,11 +14,12 @@ ACTOR_TROUBLE = (*ACTOR_GONE, ray.exceptions.RayTaskError, ray.exceptions.GetTim
 
 def wait_ready(actor, deadline: float):
     """`actor.ready()` once it answers: a restarting actor refuses calls until its
-    constructor is done."""
+    constructor is done. A constructor that raised is not waited for: its error (the
+    cause, with its traceback) is raised at once."""
     while True:
         try:
             return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.time()))
-        except ACTOR_GONE:
-            if time.time() > deadline:
+        except ACTOR_GONE as e:
+            if getattr(e, "actor_init_failed", False) or time.time() > deadline:
                 raise
             time.sleep(1.0)

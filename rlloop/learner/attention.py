@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-ATTENTIONS = ("auto", "sdpa", "local", "te")
+from rlloop.learner.policy import ATTENTIONS
 
 
 class SDPAttention(MegatronModule):
@@ -55,9 +55,10 @@ def resolve(name: str, on_gpu: bool) -> str:
     if name not in ATTENTIONS:
         raise ValueError(f"learner.attention must be one of {ATTENTIONS}, got {name!r}")
     if name in ("auto", "te"):
-        try:
-            from megatron.core.extensions.transformer_engine import TEDotProductAttention  # noqa: F401
-            has_te = on_gpu
+        try:  # megatron's TE module imports without TE (its classes are then stand-ins)
+            import transformer_engine  # noqa: F401
+            from megatron.core.extensions.transformer_engine import HAVE_TE
+            has_te = on_gpu and HAVE_TE
         except Exception:  # TE missing or built for another torch/CUDA
             has_te = False
         if name == "te" and not has_te:

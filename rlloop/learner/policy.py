@@ -26,6 +26,10 @@ class Sample:
     version_end: int
 
 
+ATTENTIONS = ("auto", "sdpa", "local", "te")  # megatron's core attention (attention.py)
+RECOMPUTE = ("none", "selective", "full")  # megatron's activation recomputation
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     model: str
@@ -58,6 +62,13 @@ class LearnerConfig:
     gpus: float = default("learner.gpus")  # per rank; 1: its own GPU, 0.5: half of one (shared with an engine)
     max_restarts: int = default("learner.max_restarts")  # a restarted learner reloads the last checkpoint
     node_resource: str | None = default("learner.node_resource")  # only nodes with this custom resource
+
+    def __post_init__(self):
+        for key, allowed in (("attention", ATTENTIONS), ("recompute", RECOMPUTE)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"learner.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"learner.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
 
 
 def resolve_loss(spec: str):
