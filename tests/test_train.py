@@ -45,9 +45,10 @@ def _scrape_rlloop_metrics() -> dict[str, float]:
 
 
 def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
-    """The default run (pipelined, 200 steps), seeded."""
+    """The default run (pipelined, 200 steps), seeded; a CPU has no peak in the MFU
+    table, so one is given (it changes no number but learner_mfu)."""
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(run, _cfg(tmp_path, "seed=0"))
+        job = pool.submit(run, _cfg(tmp_path, "seed=0", "learner.peak_tflops=0.5"))
         seen: dict[str, float] = {}
         while not job.done():  # metrics must show while the run is going
             try:
@@ -57,11 +58,15 @@ def test_grpo_run_learns_and_keeps_versions_and_lag(tmp_path, ray_cluster):
             time.sleep(2)
         summary = job.result()
     for name in ("rlloop_reward", "rlloop_stall_ms", "rlloop_update_ms", "rlloop_weight_version",
-                 "rlloop_tok_s", "rlloop_transfer_gbps"):
+                 "rlloop_tok_s", "rlloop_transfer_gbps", "rlloop_learner_tflops", "rlloop_learner_mfu"):
         assert seen.get(name, 0) > 0, f"{name} not exported with a non-zero value: {sorted(seen)}"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 200
     assert all(k in rows[0] for k in ("step", "reward_mean", "weight_version", "lag_max", "tok_s"))
+    trained = [r for r in rows if "train_ms" in r]  # (a batch of zero-advantage groups trains nothing)
+    assert len(trained) > 150 and all(0 < r["learner_mfu"] == pytest.approx(r["learner_tflops"] / 0.5)
+                                      for r in trained)
+    assert summary["learner_mfu_median"] > 0 and summary["learner_tflops_median"] > 0
     versions = [r["weight_version"] for r in rows]
     assert versions == sorted(set(versions)), "one new weight version per step"
     assert all(r["lag_max"] <= 1 for r in rows), "max_lag=1 must hold for every used sample"
