@@ -14,6 +14,8 @@ a query only sees keys at or before it, and every pad sits after the last real t
 """
 from __future__ import annotations
 
+import importlib
+
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -56,7 +58,7 @@ def resolve(name: str, on_gpu: bool) -> str:
         raise ValueError(f"learner.attention must be one of {ATTENTIONS}, got {name!r}")
     if name in ("auto", "te"):
         try:  # megatron's TE module imports without TE (its classes are then stand-ins)
-            import transformer_engine  # noqa: F401
+            importlib.import_module("transformer_engine")
             from megatron.core.extensions.transformer_engine import HAVE_TE
             has_te = on_gpu and HAVE_TE
         except Exception:  # TE missing or built for another torch/CUDA
