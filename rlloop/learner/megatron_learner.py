@@ -44,9 +44,9 @@ def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device, atte
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if recompute != "none" and device.type != "cuda":  # megatron's checkpointing saves CUDA RNG states
-        raise ValueError("learner.recompute needs a GPU; use recompute=none on CPU")
     on_gpu = device.type == "cuda"
+    if recompute != "none" and not on_gpu:  # megatron's checkpointing saves CUDA RNG states
+        raise ValueError("learner.recompute needs a GPU; use recompute=none on CPU")
     recompute_args = {} if recompute == "none" else dict(
         recompute_granularity=recompute,
         **({"recompute_method": "uniform", "recompute_num_layers": 1} if recompute == "full" else {}))
@@ -61,7 +61,7 @@ def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device, atte
         bias_activation_fusion=on_gpu, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True, tensor_model_parallel_size=tp_size,
-        use_cpu_initialization=device.type == "cpu", perform_initialization=False,  # loaded next
+        use_cpu_initialization=not on_gpu, perform_initialization=False,  # loaded next
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, **recompute_args,
     )
     model = GPTModel(config, layer_spec(attention, arch.qk_norm),
@@ -159,10 +159,12 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         """This TP rank's slice of the logits, [N, T, padded_vocab / tp]."""
         model = model or self.ddp or self.model
         n, t = ids.shape
-        mask = self._causal.get(t) if needs_mask(self.attention) else None
-        if mask is None and needs_mask(self.attention):  # megatron takes True = masked
-            mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.device), 1)[None, None]
-            self._causal = {t: mask}
+        mask = None
+        if needs_mask(self.attention):
+            mask = self._causal.get(t)
+            if mask is None:  # megatron takes True = masked
+                mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.device), 1)[None, None]
+                self._causal = {t: mask}
         pos = torch.arange(t, device=self.device).expand(n, t)
         return model(ids.to(self.device), pos, mask)
 

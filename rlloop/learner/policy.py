@@ -87,7 +87,7 @@ def micro_batches(lengths: list[int], size: int, max_tokens: int) -> list[list[i
         size = size or n
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     order = sorted(range(n), key=lambda i: -lengths[i])
-    if order and lengths[order[0]] > max_tokens:
+    if lengths[order[0]] > max_tokens:
         raise ValueError(f"a sample of {lengths[order[0]]} tokens exceeds "
                          f"learner.max_tokens_per_micro_batch={max_tokens}")
     out: list[list[int]] = []
