@@ -137,7 +137,8 @@ def learner_config(cfg: DictConfig, model: str, objective, backend: str, tp: int
             objective=objective, ppo_mini_batches=learner.ppo_mini_batches, seed=cfg.seed, dtype=learner.dtype,
             backend=backend, tensor_parallel_size=tp, data_parallel_size=dp, micro_batch_size=learner.micro_batch_size,
             max_tokens_per_micro_batch=learner.max_tokens_per_micro_batch, attention=learner.attention,
-            recompute=learner.recompute, fp32_grads=learner.fp32_grads, peak_tflops=learner.peak_tflops,
+            recompute=learner.recompute, fp32_grads=learner.fp32_grads, optimizer_offload=learner.optimizer_offload,
+            peak_tflops=learner.peak_tflops,
             loss=learner.loss, gpus=learner.gpus, max_restarts=learner.max_restarts,
             node_resource=learner.node_resource)
     except ValueError as e:  # LearnerConfig's own checks name their key: "learner.<key> must ..."

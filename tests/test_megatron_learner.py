@@ -216,24 +216,27 @@ def _mixed_samples(seed: int) -> list:
 
 def _step_gradients(learner, samples):
     """One GRPO step's accumulated gradients on this rank, with no optimizer step (the
-    weights stay as they are), and the padded size of every micro-batch it ran."""
-    seen, grads = [], {}
+    weights stay as they are), the padded size of every micro-batch it ran and the
+    positions its output layer computed logits for."""
+    seen, grads, rows = [], {}, []
     forward = learner.token_logprobs
 
-    def recording(ids, reference=False):
+    def recording(ids, at, reference=False):
         seen.append(ids.numel())
-        return forward(ids, reference)
+        return forward(ids, at, reference)
 
     def capture(lr):
         grads.update({n: p.grad.detach().clone() for n, p in learner.model.named_parameters()})
         return 0.0
 
     learner.token_logprobs, learner.step = recording, capture
+    hook = learner.model.output_layer.register_forward_hook(lambda m, args, out: rows.append(out[0].shape[0]))
     try:
         metrics = learner.train_step(samples)
     finally:
         del learner.token_logprobs, learner.step
-    return grads, metrics["loss"], seen
+        hook.remove()
+    return grads, metrics["loss"], seen, sum(rows)
 
 
 def _against_local_attention(learner, samples):
@@ -246,7 +249,7 @@ def _against_local_attention(learner, samples):
 
     prompts, completions = [s.prompt_ids for s in samples], [s.completion_ids for s in samples]
     ours = learner.score(prompts, completions)
-    grads, loss, seen = _step_gradients(learner, samples)
+    grads, loss, seen, logit_rows = _step_gradients(learner, samples)
     twin = build_gpt(learner.arch, learner.tp_size, learner.dtype, learner.device, "local")
     with torch.no_grad():
         for name, p in twin.named_parameters():
@@ -256,7 +259,7 @@ def _against_local_attention(learner, samples):
     learner.cfg = dataclasses.replace(learner.cfg, micro_batch_size=0, max_tokens_per_micro_batch=0)
     try:
         theirs = learner.score(prompts, completions)
-        ref_grads, ref_loss, ref_seen = _step_gradients(learner, samples)
+        ref_grads, ref_loss, ref_seen, _ = _step_gradients(learner, samples)
     finally:
         learner.model, learner.attention, learner.cfg = kept
     import torch.distributed as dist
@@ -267,14 +270,15 @@ def _against_local_attention(learner, samples):
         -max(g.abs().max().item() for g in ref_grads.values())])
     dist.all_reduce(worst, dist.ReduceOp.MAX)
     return {"logprob_diff": worst[0].item(), "grad_diff": worst[1].item(), "grad_scale": -worst[2].item(),
-            "loss": (loss, ref_loss), "micro_batches": seen, "whole_batch": ref_seen}
+            "loss": (loss, ref_loss), "micro_batches": seen, "whole_batch": ref_seen, "logit_rows": logit_rows}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_sdpa_attention_and_token_budget_equal_local_attention_on_the_whole_batch(tp, tiny_model, ray_cluster):
     """torch's SDPA core attention with length-sorted micro-batches of at most 96 padded
     tokens gives the log-probs and step gradients (fp32, within 1e-5) of megatron's
-    local attention on the whole right-padded batch; no micro-batch exceeds the budget."""
+    local attention on the whole right-padded batch; no micro-batch exceeds the budget,
+    and logits are computed at completion positions only."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probes run on the ranks
@@ -289,5 +293,7 @@ def test_sdpa_attention_and_token_budget_equal_local_attention_on_the_whole_batc
         assert abs(r["loss"][0] - r["loss"][1]) <= 1e-6
         assert len(r["micro_batches"]) > 1 and max(r["micro_batches"]) <= budget
         assert r["whole_batch"] == [len(samples) * max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)]
+        # the vocabulary is computed at completion positions only, never prompt or padding
+        assert r["logit_rows"] == sum(len(s.completion_ids) for s in samples)
     finally:
         learner.kill()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from rlloop.learner.hf_megatron import UnsupportedModel, arch_from_hf
-from rlloop.learner.policy import LearnerConfig, PolicyLearner
+from rlloop.learner.policy import LearnerConfig, PolicyLearner, scatter
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
                                     resolve)
@@ -46,13 +46,14 @@ class HFLearner(PolicyLearner):
         self._plan: UpdatePlan | None = None
         self.steps = 0
 
-    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
+    def token_logprobs(self, ids: torch.Tensor, at: torch.Tensor, reference: bool = False):
         model = self.ref if reference else self.model
-        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1][at]  # [K, hidden]
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
+        tok = logp.gather(-1, ids[:, 1:][at][:, None])[:, 0]
         with torch.no_grad():
             entropy = -(logp.exp() * logp).sum(-1)
-        return tok, entropy
+        return scatter(at, tok), scatter(at, entropy)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -32,10 +32,11 @@ from rlloop.learner import megatron_shims
 from rlloop.learner.attention import layer_spec, needs_mask, resolve
 from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_megatron, units
 from rlloop.learner.megatron_weights import MegatronWeights, SafetensorsDir
-from rlloop.learner.policy import LearnerConfig, PolicyLearner
+from rlloop.learner.policy import LearnerConfig, PolicyLearner, scatter
 from rlloop.weights.protocol import DTYPES, ParameterInfo, UpdatePlan, dtype_name
 
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
+ENTROPY_ROWS = 4096  # scored positions per chunk of the (no-grad) entropy
 
 
 def build_gpt(arch, tp_size: int, dtype: torch.dtype, device: torch.device, attention: str = "local",
@@ -113,6 +114,8 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
                                       0.0, MASKED_LOGIT).to(self.device)
         self._causal: dict[int, torch.Tensor] = {}
         self.ddp = None
+        if cfg.optimizer_offload and not on_gpu:
+            raise ValueError("learner.optimizer_offload needs a GPU (the CPU learner's optimizer is on the CPU)")
         if on_gpu:
             self._megatron_optimizer()
         else:
@@ -147,17 +150,33 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         cfg = self.cfg
+        offload = cfg.optimizer_offload > 0
         self.ddp = DistributedDataParallel(
-            self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.fp32_grads), self.model)
+            self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.fp32_grads,
+                                                             use_distributed_optimizer=offload), self.model)
+        # megatron offloads only through its distributed (precision-aware) optimizer: the
+        # offloaded share's fp32 masters and Adam moments live and step on the CPU
+        offload_args = dict(use_distributed_optimizer=True, use_precision_aware_optimizer=True,
+                            optimizer_cpu_offload=True, optimizer_offload_fraction=cfg.optimizer_offload,
+                            overlap_cpu_optimizer_d2h_h2d=True) if offload else {}
         self.opt = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay,
                             bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-                            clip_grad=cfg.max_grad_norm),
+                            clip_grad=cfg.max_grad_norm, **offload_args),
             [self.ddp])
+        if type(self.opt.optimizer) is torch.optim.AdamW:
+            # megatron's fallback without apex/TE. torch's default (foreach) kernels allocate
+            # temporaries as large as all parameters (a 7B model: 30 GB); the fused kernel
+            # updates in place and is one launch
+            for group in self.opt.optimizer.param_groups:
+                group.update(foreach=False, fused=True)
 
-    def logits(self, ids: torch.Tensor, model=None) -> torch.Tensor:
-        """This TP rank's slice of the logits, [N, T, padded_vocab / tp]."""
-        model = model or self.ddp or self.model
+    def logits(self, ids: torch.Tensor, at: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """This TP rank's slice of the logits at the positions `at` [N, T-1] marks (those
+        whose next token is scored): [K, padded_vocab / tp] for K = at.sum(), in
+        row-major order. Only those hidden states reach the output layer, so prompt and
+        padding positions cost no vocabulary-sized work."""
+        module = self.ref if reference else self.model
         n, t = ids.shape
         mask = None
         if needs_mask(self.attention):
@@ -165,24 +184,38 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
             if mask is None:  # megatron takes True = masked
                 mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=self.device), 1)[None, None]
                 self._causal = {t: mask}
-        pos = torch.arange(t, device=self.device).expand(n, t)
-        return model(ids.to(self.device), pos, mask)
+        rows = torch.nn.functional.pad(at, (0, 1))  # the last position predicts nothing
 
-    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
+        def scored_only(_, args):  # the output layer's input is [T, N, hidden]
+            return (args[0].transpose(0, 1)[rows].unsqueeze(1), *args[1:])
+
+        hook = module.output_layer.register_forward_pre_hook(scored_only)
+        try:
+            pos = torch.arange(t, device=self.device).expand(n, t)
+            out = (module if reference else self.ddp or module)(ids, pos, mask)
+        finally:
+            hook.remove()
+        return out[0]  # [1, K, V/tp] -> [K, V/tp]
+
+    def token_logprobs(self, ids: torch.Tensor, at: torch.Tensor, reference: bool = False):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        model = self.ref if reference else None
-        z = self.logits(ids, model)[:, :-1].float() + self.vocab_mask
+        z = self.logits(ids, at, reference).float() + self.vocab_mask
         with torch.no_grad():  # entropy = log Z - E_p[z], from token-sized reductions
             m = z.max(dim=-1).values
             dist.all_reduce(m, dist.ReduceOp.MAX, group=self.tp_group)
-            e = torch.exp(z - m[..., None])
-            sums = torch.stack([e.sum(-1), (e * (z - m[..., None])).sum(-1)])
+            sums = torch.empty(2, len(z), device=z.device)
+            for i in range(0, len(z), ENTROPY_ROWS):  # bounded temporaries: [rows, V/tp]
+                zm = z[i:i + ENTROPY_ROWS] - m[i:i + ENTROPY_ROWS, None]
+                e = zm.exp()
+                sums[0, i:i + ENTROPY_ROWS] = e.sum(-1)
+                sums[1, i:i + ENTROPY_ROWS] = torch.einsum("kv,kv->k", e, zm)
+                del zm, e
             dist.all_reduce(sums, group=self.tp_group)
             entropy = sums[0].log() - sums[1] / sums[0]
         # after the entropy: megatron's cross entropy works on its input in place
-        tok = -vocab_parallel_cross_entropy(z, ids[:, 1:])
-        return tok, entropy
+        tok = -vocab_parallel_cross_entropy(z, ids[:, 1:][at])
+        return scatter(at, tok), scatter(at, entropy)
 
     def my_share(self, items: list) -> list:
         return items[self.dp_rank::self.dp_size]

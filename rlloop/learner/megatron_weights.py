@@ -173,6 +173,9 @@ class MegatronWeights:
         dist.barrier()
         torch.save({"optimizer": self.opt.state_dict(), "steps": self.steps},
                    out / f"learner_state_rank{self.rank}.pt")
+        if self.cfg.optimizer_offload:  # megatron's distributed optimizer: state_dict() holds only
+            # the param groups; masters and moments are gathered on DP rank 0 of each TP rank
+            self.opt.save_parameter_state(str(out / f"optimizer_params_tp{self.tp_rank}.pt"))
 
     def load_checkpoint(self, path: str) -> int:
         """Weights and optimizer of a checkpoint (after a restart on the initial weights)."""
@@ -182,5 +185,7 @@ class MegatronWeights:
     def load_optimizer(self, path: str) -> int:
         extra = torch.load(Path(path) / f"learner_state_rank{self.rank}.pt", weights_only=False)
         self.opt.load_state_dict(extra["optimizer"])
+        if self.cfg.optimizer_offload:
+            self.opt.load_parameter_state(str(Path(path) / f"optimizer_params_tp{self.tp_rank}.pt"))
         self.steps = extra["steps"]
         return self.steps

@@ -56,6 +56,8 @@ class LearnerConfig:
     attention: str = default("learner.attention")  # megatron: auto | sdpa | local | te (attention.py)
     recompute: str = default("learner.recompute")  # megatron on GPU: none | selective | full activations
     fp32_grads: bool = default("learner.fp32_grads")  # megatron on GPU: accumulate gradients in fp32
+    # megatron on GPU: the share (0-1) of fp32 masters and Adam moments kept and stepped on the CPU
+    optimizer_offload: float = default("learner.optimizer_offload")
     peak_tflops: float | None = default("learner.peak_tflops")  # MFU's denominator; null: by device name
     # "module:function" with policy_loss's signature: (LossInputs, Objective) -> (loss, metrics)
     loss: str = default("learner.loss")
@@ -67,6 +69,8 @@ class LearnerConfig:
         for key, allowed in (("attention", ATTENTIONS), ("recompute", RECOMPUTE)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"learner.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not 0 <= self.optimizer_offload <= 1:
+            raise ValueError(f"learner.optimizer_offload must be within [0, 1], got {self.optimizer_offload}")
         if self.max_tokens_per_micro_batch < 0:
             raise ValueError(f"learner.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
 
@@ -112,6 +116,12 @@ def pack_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return ids.to(device), comp.to(device)
 
 
+def scatter(at: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` [K] of the positions `at` marks, laid out as `at` ([N, T-1]) with zeros
+    elsewhere (differentiable)."""
+    return torch.zeros(at.shape, dtype=values.dtype, device=values.device).masked_scatter(at, values)
+
+
 def _length(s: Sample) -> int:
     return len(s.prompt_ids) + len(s.completion_ids)
 
@@ -124,8 +134,10 @@ class PolicyLearner:
     steps: int
     sender = None  # a WeightSender on the rank that broadcasts to the engines
 
-    def token_logprobs(self, ids: torch.Tensor, reference: bool = False):
-        """(log-prob of each next token [N, T-1] with grad, entropy [N, T-1] without)."""
+    def token_logprobs(self, ids: torch.Tensor, at: torch.Tensor, reference: bool = False):
+        """(log-prob of each next token [N, T-1] with grad, entropy [N, T-1] without) at
+        the positions `at` [N, T-1] marks (the completion tokens), zero elsewhere: only
+        those positions are computed over the vocabulary."""
         raise NotImplementedError
 
     def zero_grad(self) -> None:
@@ -190,7 +202,7 @@ class PolicyLearner:
         loss_sum = 0.0
         for mb in self._micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)]):
             ids, comp = pack_batch([prompts[i] for i in mb], [targets[i] for i in mb], self.cfg.pad_id, self.device)
-            tok, _ = self.token_logprobs(ids)
+            tok, _ = self.token_logprobs(ids, comp)
             loss = -(tok * comp).sum() / total
             self._backward(loss)
             loss_sum += loss.item()
@@ -225,7 +237,7 @@ class PolicyLearner:
         proximal = None
         if obj.anchor == "proximal":
             with torch.no_grad():
-                proximal = [[self.token_logprobs(self._tensors(p)[0])[0] for p in mini] for mini in parts]
+                proximal = [[self.token_logprobs(*self._tensors(p)[:2])[0] for p in mini] for mini in parts]
         sums: dict[str, float] = {}
         maxes: dict[str, float] = {}
         grad_norms = []
@@ -237,7 +249,7 @@ class PolicyLearner:
             self.zero_grad()
             for i, part in enumerate(mini):
                 ids, comp, behaviour, adv = self._tensors(part)
-                logp, entropy = self.token_logprobs(ids)
+                logp, entropy = self.token_logprobs(ids, comp)
                 if j == 0:
                     gap += self._logprob_gap(part, logp, behaviour, comp)
                 anchor, is_weight, metrics = behaviour, None, {}
@@ -247,7 +259,7 @@ class PolicyLearner:
                 ref_logp = None
                 if obj.kl_coef > 0:
                     with torch.no_grad():
-                        ref_logp, _ = self.token_logprobs(ids, reference=True)
+                        ref_logp, _ = self.token_logprobs(ids, comp, reference=True)
                 weight = token_weights(comp, obj.aggregation, total_tokens, total_samples, obj.norm_tokens)
                 loss, m = loss_fn(LossInputs(logp, anchor, behaviour, adv, comp, weight, is_weight, ref_logp), obj)
                 self._backward(loss)
@@ -297,7 +309,7 @@ class PolicyLearner:
         """The policy's log-prob of each completion token (no training)."""
         with torch.no_grad():
             ids, comp = pack_batch(prompts, completions, self.cfg.pad_id, self.device)
-            tok, _ = self.token_logprobs(ids)
+            tok, _ = self.token_logprobs(ids, comp)
         return [tok[i][comp[i]].tolist() for i in range(len(prompts))]
 
     def leave_weight_group(self, token: str | None = None, plan_key: str | None = None) -> None:
