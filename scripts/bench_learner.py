@@ -20,11 +20,16 @@ the padded share of computed tokens, and the GPU's peak memory. With --profile, 
 more step runs under torch.profiler and its kernel time is summed by category
 (gemm, attention, softmax/cross-entropy, norm, elementwise, optimizer, communication).
 A variant that runs out of memory is recorded with its error and the next one runs.
+With --sleeping-engine, a vLLM engine of the same model starts first on the same GPU,
+sleeps (level 1: weights to host memory, KV cache dropped) and stays asleep beside
+every variant, as in a colocated run; what it still holds is recorded. The JSON is
+rewritten after every variant.
 
 CPU:  python scripts/bench_learner.py --model tiny --samples 16 --prompt 8:24 --response 4:64 \\
           --response-median 16 --budget 512 --json runs/bench_learner_cpu.json
 GPU:  python scripts/bench_learner.py --model qwen2.5-1.5b --profile --json out.json
-      python scripts/bench_learner.py --model qwen2.5-7b --variant after:recompute=full,fp32_grads=false ...
+      python scripts/bench_learner.py --model qwen2.5-7b --sleeping-engine \\
+          --variant offload:max_tokens_per_micro_batch=8192,optimizer_offload=0.5 ...
 """
 from __future__ import annotations
 
@@ -123,10 +128,32 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def run_variant(name: str, overrides: dict, path: str, dtype: str, gpus: int, samples: list[Sample],
+def sleeping_engine(path: str, dtype: str) -> tuple[object, dict]:
+    """A vLLM engine of the model on the learner's GPU (half of it in Ray's count), put
+    to sleep at level 1: (its actor, what sleeping released and what it still holds)."""
+    from rlloop.actors.engine import engine_actor
+    from rlloop.actors.engine_io import EngineConfig
+
+    engine = engine_actor(EngineConfig(model=path, dtype=dtype, gpu_memory_utilization=0.3, max_model_len=2048,
+                                       enforce_eager=True, enable_sleep_mode=True), "bench-engine", num_gpus=0.5)
+    ray.get(engine.version.remote(), timeout=900)
+    slept = ray.get(engine.sleep.remote(1))
+    return engine, {**slept, "gpu_used_gib_while_asleep": float(gpu_query("memory.used")) / 1024}
+
+
+def gpu_query(field: str) -> str:
+    """nvidia-smi's answer for GPU 0: this process never opens a CUDA context (it
+    would hold memory the learner needs)."""
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def run_variant(name: str, overrides: dict, path: str, dtype: str, gpus: float, samples: list[Sample],
                 args) -> dict:
-    cfg = LearnerConfig(model=path, backend="megatron", dtype=dtype, lr=1e-6, gpus=1 if gpus else 0,
-                        **overrides)
+    cfg = LearnerConfig(model=path, backend="megatron", dtype=dtype, lr=1e-6, gpus=gpus, **overrides)
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     mbs = micro_batches(lengths, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
     computed = sum(len(b) * max(lengths[i] for i in b) for b in mbs)
@@ -172,6 +199,7 @@ def main(argv=None):
                     help="name:key=value,... learner overrides (repeatable); default: before and after")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sleeping-engine", action="store_true", help="a sleeping vLLM engine on the same GPU")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -187,22 +215,28 @@ def main(argv=None):
     samples = rl_samples(args.samples, span(args.prompt), span(args.response), args.response_median, vocab, seed=0)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probes run on the learner's rank
     ray.init(include_dashboard=False, log_to_driver=False)
-    rows = [run_variant(name, overrides, path, dtype, gpus, samples, args) for name, overrides in variants]
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     result = {
-        "device": torch.cuda.get_device_name(0) if gpus else "cpu", "model": args.model, "dtype": dtype,
+        "device": gpu_query("name") if gpus else "cpu", "model": args.model, "dtype": dtype,
         "samples": args.samples, "tokens": sum(lengths),
         "response_tokens": sum(len(s.completion_ids) for s in samples),
         "length_p50_p90_max": [statistics.quantiles(lengths, n=10)[4], statistics.quantiles(lengths, n=10)[8],
                                max(lengths)],
-        "variants": rows, "versions": environment(("vllm", "torch", "ray", "megatron.core", "transformers")),
+        "variants": [], "versions": environment(("vllm", "torch", "ray", "megatron.core", "transformers")),
         "date": time.strftime("%Y-%m-%d"),
     }
+    learner_gpus = 1 if gpus else 0
+    if args.sleeping_engine:
+        engine, result["sleeping_engine"] = sleeping_engine(path, dtype)  # held: the actor lives while its handle does
+        print(f"[bench_learner] sleeping engine: {result['sleeping_engine']}", flush=True)
+        learner_gpus = 0.5
+    for name, overrides in variants:
+        result["variants"].append(run_variant(name, overrides, path, dtype, learner_gpus, samples, args))
+        if args.json:  # after every variant: a lost machine keeps what ran
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     ray.shutdown()
 
 
