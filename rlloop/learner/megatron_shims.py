@@ -12,7 +12,11 @@ explicit causal mask), except for a few hard-coded CUDA calls:
 
 Megatron's DistributedDataParallel and optimizer allocate CUDA buffers throughout;
 the learner uses them on GPU only and a torch optimizer on CPU (learner/megatron_learner.py).
-On a machine with CUDA, `install()` changes nothing.
+On a machine with CUDA, `install()` changes only this, without Transformer Engine:
+
+3. optimizer_config.py asks `is_te_min_version()` of every precision-aware optimizer
+   (learner.optimizer_offload), which compares None with a version when TE is absent;
+   with no TE, no minimum version is met.
 """
 from __future__ import annotations
 
@@ -25,10 +29,17 @@ _installed = False
 
 def install() -> None:
     global _installed
-    if _installed or torch.cuda.is_available():
+    if _installed:
+        return
+    _installed = True
+    from megatron.core.optimizer import optimizer_config
+    from megatron.core.utils import get_te_version
+
+    if get_te_version() is None:
+        optimizer_config.is_te_min_version = lambda version, check_equality=True: False
+    if torch.cuda.is_available():
         return
     from megatron.core.tensor_parallel import random as megatron_random
 
     torch.cuda.current_device = lambda: "cpu"
     megatron_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-    _installed = True
