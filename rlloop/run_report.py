@@ -4,6 +4,7 @@ and wrote. The coordinator and the notebook handle both use it."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def environment(packages: tuple[str, ...]) -> dict:
     except Exception:
         env["device"] = "unknown"
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip()
+        # this checkout's commit, wherever the benchmark runs from (benches run from /tmp)
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except OSError:
         env["commit"] = None
     return env

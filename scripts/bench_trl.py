@@ -104,7 +104,10 @@ def plot(record: dict, rlloop: dict | None, path: Path) -> None:
     """TRL's curve, and beside it the modes of a compare_modes.py JSON."""
     from rlloop.run_report import plot_reward_vs_time
 
-    curves = [(f"rlloop {mode}", r) for mode, r in (rlloop or {}).get("modes", {}).items()]
+    modes = (rlloop or {}).get("modes", {})
+    curves = [(f"rlloop {mode}", r) for mode, r in modes.items() if "rows" in r]
+    for mode in modes.keys() - {label.removeprefix("rlloop ") for label, _ in curves}:
+        print(f"[bench_trl] the rlloop JSON's {mode!r} has no per-step rows: not plotted", flush=True)
     vllm = " + vLLM colocate" if record["trl_config"]["use_vllm"] else " (no vLLM)"
     plot_reward_vs_time([*curves, ("TRL GRPOTrainer" + vllm, record)], path)
 
