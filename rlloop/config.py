@@ -138,7 +138,7 @@ def learner_config(cfg: DictConfig, model: str, objective, backend: str, tp: int
             backend=backend, tensor_parallel_size=tp, data_parallel_size=dp, micro_batch_size=learner.micro_batch_size,
             max_tokens_per_micro_batch=learner.max_tokens_per_micro_batch, attention=learner.attention,
             recompute=learner.recompute, fp32_grads=learner.fp32_grads, optimizer_offload=learner.optimizer_offload,
-            peak_tflops=learner.peak_tflops,
+            peak_tflops=learner.peak_tflops, freeze=tuple(learner.freeze),
             loss=learner.loss, gpus=learner.gpus, max_restarts=learner.max_restarts,
             node_resource=learner.node_resource)
     except ValueError as e:  # LearnerConfig's own checks name their key: "learner.<key> must ..."

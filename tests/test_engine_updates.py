@@ -12,6 +12,7 @@ import torch
 from rlloop.actors.engine import EngineConfig, EngineStartError, Generation, Sampling, engine_actor
 from rlloop.models.tiny import build_tiny_model
 from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, WeightUpdateRequest, make_plan
+from rlloop.weights.sender import buckets_of
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +138,38 @@ def test_bad_requests_are_refused_before_anything_changes(updater, kind, greedy,
     assert ray.get(engine.version.remote()) == version
     assert _greedy(engine, probe_prompts, greedy) == before
     assert ray.get(engine.stats.remote())["rejected_updates"] >= 2
+
+
+def test_a_partial_update_rewrites_only_the_tensors_it_names(updater, greedy, probe_prompts):
+    """A plan over layer 0 only: only its bytes travel, the engines then decode as
+    transformers does with layer 0 new and the rest as it was; a partial plan that
+    splits a fused module (q/k/v without k) is refused and changes nothing. The full
+    plan works again afterwards (the engines hold one plan's region on a shared wire)."""
+    updater.push(seed=301)
+    layer0 = [p for p in updater.plan.params if p.name.startswith("model.layers.0.")]
+    partial = make_plan(layer0, bucket_bytes=256 << 10, partial=True)
+    g = torch.Generator().manual_seed(302)
+    with torch.no_grad():
+        for name, p in updater.reference.named_parameters():
+            if name.startswith("model.layers.0."):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    req, tensors = updater.request(plan=partial), updater.tensors()
+    stats, send = updater.pusher.push(req, lambda: updater.sender.send(req, buckets_of(partial, tensors)))
+    updater.version = req.version
+    assert [s.version for s in stats] == [req.version] * 2
+    assert send["bytes"] == partial.total_bytes < updater.plan.total_bytes / 2
+    expected = [updater.greedy_reference(p, greedy.max_tokens) for p in probe_prompts]
+    for engine in updater.engines:
+        assert _greedy(engine, probe_prompts, greedy) == expected
+
+    split = make_plan([p for p in layer0 if "k_proj" not in p.name], bucket_bytes=256 << 10, partial=True)
+    with pytest.raises(WeightUpdateError, match="splits what loads together"):
+        ray.get(updater.engines[0].prepare_update.remote(updater.request(plan=split)))
+    assert ray.get(updater.engines[0].version.remote()) == updater.version
+    assert _greedy(updater.engines[0], probe_prompts, greedy) == expected
+    updater.push(seed=303)
+    assert _greedy(updater.engines[1], probe_prompts, greedy) == [
+        updater.greedy_reference(p, greedy.max_tokens) for p in probe_prompts]
 
 
 def test_sender_refuses_tensors_that_do_not_match_its_plan(updater):

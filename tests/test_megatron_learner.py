@@ -113,6 +113,46 @@ def test_tp_and_dp_learners_train_exactly_like_one_process(trained_tp2):
         assert max(abs(a - b) for a, b in zip(curves[key], curves["hf"])) < 1e-4, key
 
 
+def _checkpoint(path) -> dict[str, torch.Tensor]:
+    import glob
+
+    out = {}
+    for f in sorted(glob.glob(f"{path}/*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_frozen_tensors_stay_fixed_and_out_of_the_update_plan(tiny_model, ray_cluster, tmp_path):
+    """learner.freeze: the tensors it matches keep their values through training and
+    are not in the (partial) update plan; the HF learner and a TP=2 megatron learner
+    train the rest step for step alike. A pattern that matches nothing, or splits one
+    megatron parameter (q_proj without k and v, in linear_qkv), is refused at start."""
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"}  # tied in the tiny qwen2: both or neither
+    freeze = (*sorted(frozen), "model.layers.0.*")
+    prompts = [[3 + i, 10 + i, 20] for i in range(8)]
+    targets = [[30 + i, 40 + (i * 3) % 7, 0] for i in range(8)]
+    common = dict(sft_lr=3e-3, max_grad_norm=0.5, freeze=freeze)
+    learners = {"hf": _learner(tiny_model, "freeze-hf", backend="hf", **common),
+                "tp2": _learner(tiny_model, "freeze-tp2", tp=2, **common)}
+    curves = {k: [g.sft_step(prompts, targets)["sft_loss"] for _ in range(4)] for k, g in learners.items()}
+    assert curves["tp2"][-1] < curves["tp2"][0] - 0.2
+    assert max(abs(a - b) for a, b in zip(curves["tp2"], curves["hf"])) < 1e-4, curves
+    before = _checkpoint(tiny_model)
+    frozen |= {n for n in before if n.startswith("model.layers.0.")}
+    for key, group in learners.items():
+        plan = group.weight_plan(1 << 20)
+        assert plan.partial and {p.name for p in plan.params} == set(before) - frozen - {"lm_head.weight"}
+        group.save(str(tmp_path / key))
+        after = _checkpoint(tmp_path / key)
+        for name in set(before) & set(after):
+            assert torch.equal(after[name], before[name]) == (name in frozen), (key, name)
+        group.kill()
+    with pytest.raises(Exception, match="one megatron parameter"):
+        _learner(tiny_model, "freeze-split", freeze=("model.layers.0.self_attn.q_proj.weight",))
+    with pytest.raises(Exception, match="matches no tensor"):
+        _learner(tiny_model, "freeze-typo", backend="hf", freeze=("model.layer.0.*",))
+
+
 def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model, tmp_path, greedy,
                                                          probe_prompts):
     """Weights exported from a TP=2 learner (gathered per bucket, sent by rank 0) make

@@ -3,8 +3,8 @@ import pickle
 
 import pytest
 
-from rlloop.weights.protocol import (ALIGN_BYTES, ParameterInfo, WeightUpdateError,
-                                     WeightUpdateRequest, make_plan, resolve, validate_request)
+from rlloop.weights.protocol import (ALIGN_BYTES, ParameterInfo, UpdatePlan, WeightUpdateError,
+                                     WeightUpdateRequest, load_groups, make_plan, resolve, validate_request)
 
 
 def _params():
@@ -60,6 +60,56 @@ def test_validation_names_every_kind_of_problem():
     msg = str(e.value)
     assert "w0: shape" in msg and "w1: dtype" in msg and "unknown parameter 'nope'" in msg
     assert "missing 1 parameter" in msg
+
+
+def _layer_schema():
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for i in range(2):
+        a = f"model.layers.{i}."
+        names += [a + "input_layernorm.weight", a + "mlp.down_proj.weight", a + "mlp.gate_proj.weight",
+                  a + "mlp.up_proj.weight", a + "self_attn.o_proj.weight"]
+        names += [a + f"self_attn.{p}_proj.{leaf}" for p in "qkv" for leaf in ("weight", "bias")]
+    return {n: ParameterInfo(n, (4, 4), "float32") for n in names}
+
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def test_load_groups_join_fused_shards_with_their_biases_and_tied_embeddings():
+    schema = _layer_schema()
+    groups = load_groups(schema, PACKED, tied=True)
+    assert groups["model.layers.0.self_attn.q_proj.weight"] == {
+        f"model.layers.0.self_attn.{p}_proj.{leaf}" for p in "qkv" for leaf in ("weight", "bias")}
+    assert groups["model.layers.1.mlp.up_proj.weight"] == {"model.layers.1.mlp.gate_proj.weight",
+                                                           "model.layers.1.mlp.up_proj.weight"}
+    assert groups["model.layers.0.mlp.down_proj.weight"] == {"model.layers.0.mlp.down_proj.weight"}
+    assert groups["lm_head.weight"] == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert load_groups(schema, PACKED, tied=False)["lm_head.weight"] == {"lm_head.weight"}
+
+
+def test_a_partial_plan_may_leave_out_whole_groups_only():
+    schema = _layer_schema()
+    groups = load_groups(schema, PACKED, tied=True)
+    layer0 = [p for n, p in schema.items() if n.startswith("model.layers.0.")]
+    validate_request(WeightUpdateRequest(1, make_plan(layer0, partial=True)), schema, 0, groups)
+    with pytest.raises(WeightUpdateError, match="missing"):  # the same subset as a full plan
+        validate_request(WeightUpdateRequest(1, make_plan(layer0)), schema, 0, groups)
+    split = [p for p in layer0 if "k_proj" not in p.name]
+    with pytest.raises(WeightUpdateError, match="splits what loads together") as e:
+        validate_request(WeightUpdateRequest(1, make_plan(split, partial=True)), schema, 0, groups)
+    assert "model.layers.0.self_attn.k_proj.bias" in str(e.value)
+    with pytest.raises(WeightUpdateError, match="splits"):  # a tied head without its embedding
+        validate_request(WeightUpdateRequest(1, make_plan([schema["lm_head.weight"]], partial=True)),
+                         schema, 0, groups)
+    with pytest.raises(WeightUpdateError, match="unknown parameter"):
+        validate_request(WeightUpdateRequest(1, make_plan(layer0 + [ParameterInfo("model.extra", (1,), "float32")],
+                                                          partial=True)), schema, 0, groups)
+    # A hand-built plan that names a tensor twice never reaches a model.
+    plan = make_plan(layer0, partial=True)
+    twice = UpdatePlan(plan.params + plan.params[:1], plan.buckets, plan.key, partial=True)
+    with pytest.raises(WeightUpdateError, match="sent twice"):
+        validate_request(WeightUpdateRequest(1, twice), schema, 0, groups)
+    assert make_plan(layer0, partial=True).key != make_plan(layer0).key
 
 
 def test_a_ticket_stands_for_its_request_where_the_plan_is_held():

@@ -19,7 +19,9 @@ from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateError, WeightUpdateRequest,
-                                    check_version, pack, resolve, validate_request)
+                                    check_version, load_groups, pack, resolve,
+                                    validate_request)
+from rlloop.weights.shared import SHARED_WIRES
 
 
 class EngineStartError(RuntimeError):
@@ -58,6 +60,8 @@ class GenerationEngine:
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
         self.counters = EngineCounters()
         self._update_lock = asyncio.Lock()
+        self._shared_wire = False
+        self._groups: dict[str, frozenset[str]] | None = None  # what loads together (partial plans)
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
 
@@ -135,6 +139,7 @@ class GenerationEngine:
         """Join the weight group: worker w of this engine becomes rank rank_offset + w."""
         self._plans.clear()
         self._prepared.clear()
+        self._shared_wire = cfg.backend in SHARED_WIRES
         return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset))
 
     async def leave_weight_group(self) -> None:
@@ -142,14 +147,18 @@ class GenerationEngine:
         self._plans.clear()
         self._prepared.clear()
 
-    def _admit(self, update: WeightUpdateRequest | UpdateTicket, mode: str) -> WeightUpdateRequest:
+    async def _admit(self, update: WeightUpdateRequest | UpdateTicket, mode: str) -> WeightUpdateRequest:
         """The request `update` stands for, checked against this model: a request in full
         is validated whole; a ticket names a plan validated here before, so only its
         version is new. Raises WeightUpdateError and changes nothing."""
+        if self._groups is None and isinstance(update, WeightUpdateRequest) and update.plan.partial:
+            packed = (await self.llm.collective_rpc("rl_packed_modules"))[0]
+            tied = bool(getattr(self.llm.model_config.hf_config, "tie_word_embeddings", False))
+            self._groups = load_groups(self.schema, packed, tied)
         try:
             request = resolve(update, self._plans)
             if update is request or (request.plan.key, mode) not in self._prepared:
-                validate_request(request, self.schema, self.counters.version)
+                validate_request(request, self.schema, self.counters.version, self._groups)
             else:
                 check_version(request.version, self.counters.version)
         except WeightUpdateError:
@@ -163,10 +172,12 @@ class GenerationEngine:
         Returns the receive mode the workers chose. `mode` overrides the configured
         receive mode for this plan."""
         mode = mode or self.config.receive_mode
-        self._admit(request, mode)
+        await self._admit(request, mode)
         key = (request.plan.key, mode)
         if key not in self._prepared:  # workers keep per-plan state: one RPC per plan
             modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), mode))
+            if self._shared_wire:  # the workers hold one plan's region (the sender's), as here
+                self._prepared = {k: v for k, v in self._prepared.items() if k[0] == request.plan.key}
             self._plans[request.plan.key] = request.plan
             self._prepared[key] = modes[0]
         return self._prepared[key]
@@ -179,7 +190,7 @@ class GenerationEngine:
         sender starts (UpdatePusher does)."""
         mode = mode or self.config.receive_mode
         async with self._update_lock:
-            request = self._admit(update, mode)
+            request = await self._admit(update, mode)
             if (request.plan.key, mode) not in self._prepared:
                 await self.prepare_update(request, mode)
             t0 = time.perf_counter()

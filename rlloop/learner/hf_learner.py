@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from rlloop.learner.hf_megatron import UnsupportedModel, arch_from_hf
-from rlloop.learner.policy import LearnerConfig, PolicyLearner, scatter
+from rlloop.learner.policy import LearnerConfig, PolicyLearner, frozen_names, scatter
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateRequest, make_plan, parameter_infos,
                                     resolve)
@@ -36,7 +36,9 @@ class HFLearner(PolicyLearner):
         self.ref = None
         if cfg.objective.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.frozen = self._freeze(cfg.freeze)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
         try:  # model FLOPs (MFU) for the families the formula covers
             self.arch = arch_from_hf(self.model.config)
         except UnsupportedModel:
@@ -45,6 +47,23 @@ class HFLearner(PolicyLearner):
         self.sender = None
         self._plan: UpdatePlan | None = None
         self.steps = 0
+
+    def _freeze(self, patterns: tuple[str, ...]) -> set[str]:
+        """Stop training the tensors `patterns` match; returns their names. Tied tensors
+        (one parameter under two names) are frozen together or not at all."""
+        frozen = frozen_names(list(self.model.state_dict()), patterns)
+        aliases: dict[int, list[str]] = {}
+        params = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+        for key, names in aliases.items():
+            hit = frozen.intersection(names)
+            if hit and len(hit) < len(names):
+                raise ValueError(f"learner.freeze: {sorted(names)} are one tied tensor: freeze all of them or none")
+            if hit:
+                params[key].requires_grad_(False)
+        return frozen
 
     def token_logprobs(self, ids: torch.Tensor, at: torch.Tensor, reference: bool = False):
         model = self.ref if reference else self.model
@@ -73,7 +92,8 @@ class HFLearner(PolicyLearner):
     def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
         """Computed once; every later update reuses it."""
         if self._plan is None:
-            self._plan = make_plan(parameter_infos(self._tensors().items()), bucket_bytes)
+            sent = [(n, t) for n, t in self._tensors().items() if n not in self.frozen]
+            self._plan = make_plan(parameter_infos(sent), bucket_bytes, partial=bool(self.frozen))
         return self._plan
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:

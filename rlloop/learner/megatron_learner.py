@@ -32,7 +32,7 @@ from rlloop.learner import megatron_shims
 from rlloop.learner.attention import layer_spec, needs_mask, resolve
 from rlloop.learner.hf_megatron import Unit, arch_from_hf, check_tp, hf_shapes, to_megatron, units
 from rlloop.learner.megatron_weights import MegatronWeights, SafetensorsDir
-from rlloop.learner.policy import LearnerConfig, PolicyLearner, scatter
+from rlloop.learner.policy import LearnerConfig, PolicyLearner, frozen_names, scatter
 from rlloop.weights.protocol import DTYPES, ParameterInfo, UpdatePlan, dtype_name
 
 MASKED_LOGIT = -1e30  # padded vocabulary columns: exp() is exactly 0
@@ -107,6 +107,7 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         self.model = self._load(cfg.model)
         self.ref = self._load(cfg.model).eval() if cfg.objective.kl_coef > 0 else None
         self.params = dict(self.model.named_parameters())
+        self.frozen_units = self._freeze(cfg.freeze)
         # Columns of this rank's logit slice past the real vocabulary (padding).
         per_rank = self.arch.padded_vocab(tp) // tp
         first = self.tp_rank * per_rank
@@ -119,16 +120,34 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
         if on_gpu:
             self._megatron_optimizer()
         else:
-            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
         self.sender = None
         # What the engines receive: HF names and shapes, from shard shapes alone.
         self.hf_params = tuple(
             ParameterInfo(name, shape, dtype_name(self.dtype)) for u in self.units
+            if u.megatron not in self.frozen_units
             for name, shape in hf_shapes(u, self.arch, self.params[u.megatron], tp).items())
         self._plan: UpdatePlan | None = None
         self._order: dict[str, list[list[Unit]]] = {}
 
     # --- model ------------------------------------------------------------------------
+
+    def _freeze(self, patterns: tuple[str, ...]) -> set[str]:
+        """Stop training the megatron parameters whose HF tensors `patterns` match; returns
+        their names. One megatron parameter that holds several HF tensors (q/k/v in
+        linear_qkv, gate/up in linear_fc1, tied embeddings) is frozen whole or not at all."""
+        frozen = frozen_names([n for u in self.units for n in u.hf], patterns)
+        units_frozen = set()
+        for u in self.units:
+            hit = frozen.intersection(u.hf)
+            if hit and len(hit) < len(u.hf):
+                raise ValueError(f"learner.freeze: {list(u.hf)} are one megatron parameter ({u.megatron}): "
+                                 "freeze all of them or none")
+            if hit:
+                self.params[u.megatron].requires_grad_(False)
+                units_frozen.add(u.megatron)
+        return units_frozen
 
     def _load(self, path: str):
         model = build_gpt(self.arch, self.tp_size, self.dtype, self.device, self.attention, self.cfg.recompute)
@@ -251,7 +270,7 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
             return float(grad_norm)
         if self.dp_size > 1:  # every rank reduces the same tensors, used or not
             for p in self.model.parameters():
-                if p.grad is None:
+                if p.grad is None and p.requires_grad:  # a frozen one gets none: AdamW would decay it
                     p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.dp_size > 1:

@@ -94,7 +94,7 @@ class MegatronWeights:
     def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
         """The HF update plan, in the engines' names and shapes; computed once."""
         if self._plan is None:
-            self._plan = make_plan(list(self.hf_params), bucket_bytes)
+            self._plan = make_plan(list(self.hf_params), bucket_bytes, partial=bool(self.frozen_units))
         return self._plan
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:

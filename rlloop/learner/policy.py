@@ -64,6 +64,8 @@ class LearnerConfig:
     gpus: float = default("learner.gpus")  # per rank; 1: its own GPU, 0.5: half of one (shared with an engine)
     max_restarts: int = default("learner.max_restarts")  # a restarted learner reloads the last checkpoint
     node_resource: str | None = default("learner.node_resource")  # only nodes with this custom resource
+    # glob patterns of HF tensor names not trained (and not sent: the update plan is partial)
+    freeze: tuple[str, ...] = tuple(default("learner.freeze"))
 
     def __post_init__(self):
         for key, allowed in (("attention", ATTENTIONS), ("recompute", RECOMPUTE)):
@@ -71,8 +73,28 @@ class LearnerConfig:
                 raise ValueError(f"learner.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0 <= self.optimizer_offload <= 1:
             raise ValueError(f"learner.optimizer_offload must be within [0, 1], got {self.optimizer_offload}")
+        if not all(isinstance(p, str) and p for p in self.freeze):
+            raise ValueError(f"learner.freeze must be a list of glob patterns of tensor names, got {self.freeze!r}")
         if self.max_tokens_per_micro_batch < 0:
             raise ValueError(f"learner.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+
+
+def frozen_names(names: list[str], patterns: tuple[str, ...]) -> set[str]:
+    """The tensor names (HF checkpoint names) that learner.freeze's glob patterns match.
+    A pattern that matches nothing is a typo, and freezing everything trains nothing:
+    both are refused."""
+    import fnmatch
+
+    hit: set[str] = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ValueError(f"learner.freeze: {pattern!r} matches no tensor of the model (names look like "
+                             f"{names[:2]})")
+        hit.update(matched)
+    if hit and hit >= set(names):
+        raise ValueError("learner.freeze matches every tensor of the model: nothing would train")
+    return hit
 
 
 def resolve_loss(spec: str):

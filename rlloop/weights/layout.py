@@ -52,7 +52,8 @@ def build_direct_copies(
     tp_rank: int,
     tp_size: int,
 ) -> list[list[SliceCopy]]:
-    """Per bucket, the slice copies that rewrite every parameter in `named_params`."""
+    """Per bucket, the slice copies that rewrite every parameter in `named_params` (of
+    a partial plan: every parameter it sends; the others are left as they are)."""
     index = {p.name: i for i, p in enumerate(plan.params)}
     bucket_of = {e.param: b for b, bucket in enumerate(plan.buckets) for e in bucket.entries}
     per_bucket: list[list[SliceCopy]] = [[] for _ in plan.buckets]
@@ -60,7 +61,9 @@ def build_direct_copies(
         data = param.data
         if not data.is_contiguous() or data.dim() == 0:
             raise LayoutMismatch(f"{name}: storage is not a plain contiguous tensor")
-        sources = _sources(name, index, packed_modules)
+        sources = _sources(name, index, packed_modules, plan.partial)
+        if not sources:
+            continue
         row = 0
         for shard, src_name in sources:
             info = plan.params[index[src_name]]
@@ -100,12 +103,15 @@ def build_direct_copies(
     return per_bucket
 
 
-def _sources(name: str, index: dict[str, int], packed: dict[str, list[str]]):
-    """The checkpoint tensors that make up vLLM parameter `name`, in fused order."""
+def _sources(name: str, index: dict[str, int], packed: dict[str, list[str]], partial: bool = False):
+    """The checkpoint tensors that make up vLLM parameter `name`, in fused order; none
+    when a partial plan sends none of them."""
     if name in index:
         return [(None, name)]
     module, _, leaf = name.rpartition(".")
     parent, _, fused = module.rpartition(".")
+    if partial and not any(f"{parent}.{shard}.{leaf}" in index for shard in packed.get(fused, (fused,))):
+        return []
     for shard in packed.get(fused, ()):
         src = f"{parent}.{shard}.{leaf}"
         if src not in index:

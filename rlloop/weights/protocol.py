@@ -75,9 +75,13 @@ class Bucket:
 
 @dataclass(frozen=True)
 class UpdatePlan:
+    """`partial`: the plan names a subset of the model's tensors (a learner that freezes
+    some, an adapter); the rest keep their values. A full plan must name every tensor."""
+
     params: tuple[ParameterInfo, ...]
     buckets: tuple[Bucket, ...]
     key: str = field(default="")
+    partial: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -147,11 +151,12 @@ def _align(n: int) -> int:
     return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
 
 
-def make_plan(params: list[ParameterInfo], bucket_bytes: int = 512 << 20) -> UpdatePlan:
+def make_plan(params: list[ParameterInfo], bucket_bytes: int = 512 << 20, partial: bool = False) -> UpdatePlan:
     """Pack `params`, in the given order, into buckets of at most `bucket_bytes`.
 
     Order is kept so a layer's tensors stay together (the receiver loads as buckets
-    arrive). A tensor larger than `bucket_bytes` gets a bucket of its own.
+    arrive). A tensor larger than `bucket_bytes` gets a bucket of its own. `partial`:
+    `params` are a subset of the model's tensors (UpdatePlan.partial).
     """
     if not params:
         raise WeightUpdateError("an update plan needs at least one parameter")
@@ -171,8 +176,8 @@ def make_plan(params: list[ParameterInfo], bucket_bytes: int = 512 << 20) -> Upd
         entries.append(BucketEntry(i, used))
         used = _align(used + p.nbytes)
     buckets.append(Bucket(used, tuple(entries)))
-    digest = hashlib.sha1(repr((tuple(params), tuple(buckets))).encode()).hexdigest()[:16]
-    return UpdatePlan(tuple(params), tuple(buckets), key=digest)
+    digest = hashlib.sha1(repr((tuple(params), tuple(buckets), partial)).encode()).hexdigest()[:16]
+    return UpdatePlan(tuple(params), tuple(buckets), key=digest, partial=partial)
 
 
 def parameter_infos(named_tensors) -> list[ParameterInfo]:
@@ -180,16 +185,38 @@ def parameter_infos(named_tensors) -> list[ParameterInfo]:
     return [ParameterInfo(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named_tensors]
 
 
+def load_groups(names, packed_modules: Mapping[str, list[str]], tied: bool) -> dict[str, frozenset[str]]:
+    """For each checkpoint tensor name, the names the receiving model loads together
+    with it: the tensors of one engine module (weight and bias; the shards vLLM fuses,
+    by its `packed_modules_mapping`, e.g. q/k/v_proj -> qkv_proj) and tied embeddings.
+    vLLM reprocesses a module as a whole (repacked CPU weights): a partial update that
+    sends only part of one would leave the rest of it undefined."""
+    fused_of = {shard: fused for fused, shards in packed_modules.items() for shard in shards}
+    by_module: dict[str, set[str]] = {}
+    for name in names:
+        module = name.rpartition(".")[0]
+        parent, _, leaf = module.rpartition(".")
+        by_module.setdefault(f"{parent}.{fused_of.get(leaf, leaf)}", set()).add(name)
+    groups = {n: frozenset(members) for members in by_module.values() for n in members}
+    tie = {"model.embed_tokens.weight", "lm_head.weight"}
+    if tied and tie <= groups.keys():
+        joined = frozenset().union(*(groups[n] for n in tie))
+        groups.update({n: joined for n in joined})
+    return groups
+
+
 def validate_request(
     request: WeightUpdateRequest,
     schema: dict[str, ParameterInfo],
     current_version: int,
+    groups: Mapping[str, frozenset[str]] | None = None,
 ) -> None:
     """Raise WeightUpdateError unless `request` fits the model described by `schema`.
 
     `schema` holds every tensor of the model's checkpoint, tied aliases such as
     lm_head.weight included: vLLM on CPU keeps a separately packed copy of a tied
-    lm_head, which only a tensor sent under that name refreshes.
+    lm_head, which only a tensor sent under that name refreshes. A partial plan may
+    leave tensors out, but only whole `groups` (load_groups; without them, any subset).
     """
     check_version(request.version, current_version)
     if request.tp_size != 1 or request.tp_rank != 0:
@@ -200,6 +227,8 @@ def validate_request(
     problems: list[str] = []
     sent = set()
     for p in request.plan.params:
+        if p.name in sent:
+            problems.append(f"{p.name} sent twice")
         sent.add(p.name)
         want = schema.get(p.name)
         if want is None:
@@ -210,8 +239,13 @@ def validate_request(
         if p.dtype != want.dtype:
             problems.append(f"{p.name}: dtype {p.dtype} != model's {want.dtype}")
     missing = sorted(set(schema) - sent)
-    if missing:
+    if missing and not request.plan.partial:
         problems.append(f"missing {len(missing)} parameter(s), e.g. {missing[:3]}")
+    for members in {groups[n] for n in sent if n in groups} if groups and request.plan.partial else ():
+        left_out = sorted(members - sent)
+        if left_out:
+            problems.append(f"partial update splits what loads together: sends {sorted(members & sent)[:3]} "
+                            f"without {left_out[:3]}")
     if problems:
         shown = "; ".join(problems[:5])
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""

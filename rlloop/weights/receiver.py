@@ -15,6 +15,8 @@ views of the sender's region, mapped once per plan, and both modes read from the
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 import torch
@@ -72,6 +74,10 @@ class WeightReceiver:
         for state in getattr(self, "_rl_plans", {}).values():
             state.close()
         self._rl_plans = {}
+
+    def rl_packed_modules(self) -> dict[str, list[str]]:
+        """vLLM's fused modules and the checkpoint shards each takes (qkv_proj: q, k, v)."""
+        return {k: list(v) for k, v in getattr(self.model_runner.get_model(), "packed_modules_mapping", {}).items()}
 
     def rl_free_device_bytes(self) -> int:
         """Free memory on this worker's GPU (what sleep mode releases shows here)."""
@@ -199,7 +205,8 @@ class WeightReceiver:
             state.region.check(version)
             if state.region.tensors is not None:  # in place: the sender's own tensors
                 weights = zip((p.name for p in plan.params), state.region.tensors)
-                self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+                with _quiet_partial_reload(plan):
+                    self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
                 return
         works = [broadcast_async(self._rl_group, buf) if state.region is None else None for buf in state.buffers]
 
@@ -210,5 +217,23 @@ class WeightReceiver:
                 for param, view in bucket_views(state.buffers[i], plan, i):
                     yield plan.params[param].name, view
 
-        self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        with _quiet_partial_reload(plan):
+            self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
 
+
+@contextlib.contextmanager
+def _quiet_partial_reload(plan: UpdatePlan):
+    """vLLM's reload warns, every update, of each module a checkpoint left out: a
+    partial plan leaves modules out by design (validated: only whole ones)."""
+    if not plan.partial:
+        yield
+        return
+    loggers = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("inplace", "layerwise")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
