@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 def build_run_config(cfg: DictConfig):
     """Turn the Hydra config into typed dataclasses; a bad value names its key."""
-    from rlloop.actors.engine_io import EngineConfig
+    from rlloop.actors.engine_io import KV_AFTER_UPDATE, EngineConfig
     from rlloop.learner.policy import resolve_loss
     from rlloop.models.tiny import build_tiny_model
     from rlloop.plugins import import_function
@@ -41,6 +41,7 @@ def build_run_config(cfg: DictConfig):
                           f"set rollout.max_lag >= {ahead}")
     need("rollout.zero_advantage", lambda v: v in ("drop", "keep", "refill"), "must be drop, keep or refill")
     need("rollout.refill_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
+    need("weights.kv_after_update", lambda v: v in KV_AFTER_UPDATE, f"must be one of {KV_AFTER_UPDATE}")
     backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
     tp = need("learner.tensor_parallel_size", pos_int, "must be a positive integer")
     dp = need("learner.data_parallel_size", pos_int, "must be a positive integer")
@@ -105,7 +106,8 @@ def build_run_config(cfg: DictConfig):
     engine = EngineConfig(model=model, dtype=cfg.model.dtype, tensor_parallel_size=e.tensor_parallel_size,
                           gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                           max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
-                          receive_mode=e.receive_mode, enable_sleep_mode=sleep)
+                          receive_mode=e.receive_mode, kv_after_update=cfg.weights.kv_after_update,
+                          enable_sleep_mode=sleep)
     return RunConfig(
         name=str(cfg.name), output_dir=str(out), model=model, seed=cfg.seed, resume=resume,
         engines=EnginesConfig(engine=engine, count=engines, num_gpus=e.num_gpus, max_restarts=e.max_restarts,

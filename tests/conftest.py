@@ -111,12 +111,13 @@ class Updater:
     def request(self, version=None, plan=None) -> WeightUpdateRequest:
         return WeightUpdateRequest(self.version + 1 if version is None else version, plan or self.plan)
 
-    def push(self, seed: int):
-        """Randomize the reference with `seed` and send it as the next version."""
+    def push(self, seed: int, kv: str | None = None):
+        """Randomize the reference with `seed` and send it as the next version (`kv`:
+        the engines' kv_after_update for this update)."""
         self.randomize(seed)
         req = self.request()
         tensors = self.tensors()
-        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(req.plan, tensors)))
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(req.plan, tensors)), kv=kv)
         self.version = req.version
         return stats, send
 

@@ -68,6 +68,42 @@ def test_update_lands_while_requests_are_mid_generation(updater):
             "the update should have landed while requests were in flight"
 
 
+@pytest.mark.parametrize("kv", ["recompute", "keep"])
+def test_kv_after_update_recompute_continues_as_a_fresh_run_of_the_new_weights(updater, kv):
+    """A greedy request whose update lands mid-generation. recompute: its KV cache is
+    prefilled again on the new weights, so it continues exactly as a fresh greedy run
+    of the new weights from the same prefix, and the update counts it as recomputed.
+    keep: its next tokens attend to KV the old weights computed, and differ from a
+    fresh run's (tokens or log-probs)."""
+    engine = updater.engines[0]
+    greedy = Sampling(max_tokens=256, temperature=0.0, ignore_eos=True)
+    updater.push(seed=401)
+    prompt = updater.tokenizer("7+8=").input_ids
+    old = ray.get(engine.generate.remote([prompt], greedy))[0].token_ids
+    future = engine.generate.remote([prompt], greedy)
+    deadline = time.time() + 60
+    while ray.get(engine.stats.remote())["in_flight"] < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    stats, _ = updater.push(seed=402, kv=kv)
+    gen = ray.get(future)[0]
+    k = next((i for i, (a, b) in enumerate(zip(gen.token_ids, old)) if a != b), len(old))
+    assert gen.version_start < gen.version_end and 0 < k < len(gen.token_ids), (k, gen.version_start)
+    fresh = ray.get(engine.generate.remote([prompt + gen.token_ids[:k]],
+                                           dataclasses.replace(greedy, max_tokens=len(old) - k)))[0]
+    print(f"kv={kv}: split at {k} of {len(old)}, {stats[0]}")
+    assert stats[0].kv == kv
+    if kv == "recompute":
+        assert fresh.token_ids == gen.token_ids[k:]
+        assert max(abs(a - b) for a, b in zip(fresh.logprobs, gen.logprobs[k:])) < LOGPROB_ATOL
+        assert stats[0].recomputed_requests == 1
+        assert len(prompt) < stats[0].recomputed_tokens <= len(prompt) + k
+    else:
+        assert stats[0].recomputed_requests == 0
+        assert fresh.token_ids != gen.token_ids[k:] or \
+            max(abs(a - b) for a, b in zip(fresh.logprobs, gen.logprobs[k:])) > LOGPROB_ATOL
+
+
 def test_versions_rise_and_stale_updates_are_refused(updater):
     updater.push(seed=303)
     current = updater.version

@@ -13,7 +13,8 @@ import time
 import uuid
 from dataclasses import asdict, replace
 
-from rlloop.actors.engine_io import EngineConfig, EngineCounters, Generation, Sampling, UpdateStats
+from rlloop.actors.engine_io import (KV_AFTER_UPDATE, EngineConfig, EngineCounters, Generation, Sampling,
+                                     UpdateStats)
 from rlloop.actors.vllm_process import OwnLogs, cpu_kv_cache_bytes, tree_rss_mb
 from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
@@ -61,6 +62,7 @@ class GenerationEngine:
         self.counters = EngineCounters()
         self._update_lock = asyncio.Lock()
         self._shared_wire = False
+        self._kv_tokens: dict[str, int] = {}  # request id -> its tokens so far, while in flight
         self._groups: dict[str, frozenset[str]] | None = None  # what loads together (partial plans)
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
@@ -82,12 +84,16 @@ class GenerationEngine:
         params = self._params(sampling)
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
         start = self.counters.version
+        request_id = uuid.uuid4().hex
         self.counters.in_flight += 1
         report(in_flight=self.counters.in_flight)
         try:
-            async for out in self.llm.generate(engine_prompt, params, request_id=uuid.uuid4().hex):
+            async for out in self.llm.generate(engine_prompt, params, request_id=request_id):
+                # tokens that hold KV cache now: what kv_after_update="recompute" prefills again
+                self._kv_tokens[request_id] = len(out.prompt_token_ids or ()) + len(out.outputs[0].token_ids)
                 yield out, start
         finally:
+            self._kv_tokens.pop(request_id, None)
             self.counters.in_flight -= 1
             report(in_flight=self.counters.in_flight)
 
@@ -183,12 +189,17 @@ class GenerationEngine:
         return self._prepared[key]
 
     async def update_weights(self, update: WeightUpdateRequest | UpdateTicket,
-                             mode: str | None = None) -> UpdateStats:
+                             mode: str | None = None, kv: str | None = None) -> UpdateStats:
         """Receive `update` from the sender and load it, pausing generation only for the
         transfer. A request that does not fit is rejected before anything changes; on a
         broadcast wire call `prepare_update` first, so that it is rejected before the
-        sender starts (UpdatePusher does)."""
+        sender starts (UpdatePusher does). `kv` overrides kv_after_update: with
+        "recompute", the requests in flight drop the KV cache the old weights computed
+        (vLLM preempts them) and prefill prompt + tokens so far on the new ones."""
         mode = mode or self.config.receive_mode
+        kv = kv or self.config.kv_after_update
+        if kv not in KV_AFTER_UPDATE:
+            raise ValueError(f"kv_after_update must be one of {KV_AFTER_UPDATE}, got {kv!r}")
         async with self._update_lock:
             request = await self._admit(update, mode)
             if (request.plan.key, mode) not in self._prepared:
@@ -204,6 +215,9 @@ class GenerationEngine:
                 # The workers hold the plan: only its key and the version cross.
                 results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
                 self.counters.version = request.version
+                recomputed = dict(self._kv_tokens) if kv == "recompute" else {}
+                if recomputed:  # running requests go back to the waiting queue, KV freed
+                    await self.llm.reset_prefix_cache(reset_running_requests=True)
             finally:
                 await self.llm.resume_generation()
             t2 = time.perf_counter()
@@ -212,7 +226,8 @@ class GenerationEngine:
             stats = UpdateStats(
                 version=request.version, mode=results[0]["mode"], bytes=nbytes,
                 pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
-                gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0)
+                gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0, kv=kv,
+                recomputed_requests=len(recomputed), recomputed_tokens=sum(recomputed.values()))
             self.counters.updates += 1
             self.counters.last_update = asdict(stats)
             report(weight_version=stats.version, update_ms=stats.total_ms, stall_ms=stats.pause_ms,

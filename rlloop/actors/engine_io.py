@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from rlloop.defaults import default
 
 
+KV_AFTER_UPDATE = ("keep", "recompute")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # local HF directory (config + tokenizer; weights unless load_format="dummy")
@@ -20,8 +23,14 @@ class EngineConfig:
     load_format: str = "auto"  # dummy: random weights (benchmarks); not a run setting
     enforce_eager: bool = default("engines.enforce_eager")
     receive_mode: str = default("engines.receive_mode")  # see rlloop.weights.receiver
+    kv_after_update: str = default("weights.kv_after_update")  # keep | recompute (KV_AFTER_UPDATE)
     # GPU only: sleep() / wake_up() free and retake the engine's memory
     enable_sleep_mode: bool = default("engines.sleep_while_training")
+
+    def __post_init__(self):
+        if self.kv_after_update not in KV_AFTER_UPDATE:
+            raise ValueError(f"weights.kv_after_update must be one of {KV_AFTER_UPDATE}, "
+                             f"got {self.kv_after_update!r}")
 
 
 @dataclass
@@ -54,6 +63,9 @@ class UpdateStats:
     receive_ms: float  # receive + load on the workers (slowest worker)
     total_ms: float
     gbps: float
+    kv: str = "keep"  # what the requests in flight did with their KV cache (kv_after_update)
+    recomputed_requests: int = 0  # kv="recompute": requests in flight whose KV was dropped
+    recomputed_tokens: int = 0  # ... and their tokens so far (prompt + generated), prefilled again
 
 
 @dataclass

@@ -77,7 +77,7 @@ class Fleet:
             if isinstance(e, WeightUpdateError):
                 raise  # refused before anything changed: a bug, not a failure
             self.recover(e)  # resends the current weights under a newer version
-            return {"update_ms": None, "stall_ms": None, "send_ms": None}
+            return {"update_ms": None, "stall_ms": None, "send_ms": None, "kv_recomputed_tokens": None}
 
     def train(self, samples: list[Sample]) -> dict:
         try:
@@ -139,7 +139,7 @@ class Fleet:
         # The learner computed the plan: it gets the ticket, never the plan.
         stats, send = self.pusher.push(req, lambda: self.learner.send_weights(req.ticket()))
         return {"update_ms": max(s.total_ms for s in stats), "stall_ms": max(s.pause_ms for s in stats),
-                "send_ms": send["send_ms"]}
+                "send_ms": send["send_ms"], "kv_recomputed_tokens": sum(s.recomputed_tokens for s in stats)}
 
     # --- recovery ---------------------------------------------------------------------
 

@@ -73,18 +73,19 @@ class UpdatePusher:
             self._prepared.add((request.plan.key, mode))
 
     def push(self, request: WeightUpdateRequest, send: Callable[[], dict],
-             mode: str | None = None) -> tuple[list, dict]:
+             mode: str | None = None, kv: str | None = None) -> tuple[list, dict]:
         """Update every engine to `request`; `send` makes the sender send it. Returns the
-        engines' UpdateStats and what `send` returned."""
+        engines' UpdateStats and what `send` returned. `mode` and `kv` override the
+        engines' receive mode and kv_after_update for this update."""
         check_version(request.version, self.version)
         ticket = request.ticket()
         if self.shared:
             send_stats = send()
             self._prepare(request, mode)  # the workers map the region the send created
-            stats = ray.get([e.update_weights.remote(ticket, mode) for e in self.engines])
+            stats = ray.get([e.update_weights.remote(ticket, mode, kv) for e in self.engines])
         else:
             self._prepare(request, mode)
-            updates = [e.update_weights.remote(ticket, mode) for e in self.engines]
+            updates = [e.update_weights.remote(ticket, mode, kv) for e in self.engines]
             send_stats = send()
             stats = ray.get(updates)
         self.version = request.version
