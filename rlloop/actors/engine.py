@@ -33,6 +33,16 @@ class GenerationEngine:
     """Use as `ray.remote(GenerationEngine)` (see `engine_actor`); methods are async."""
 
     def __init__(self, config: EngineConfig):
+        self.counters = EngineCounters()
+        self._update_lock = asyncio.Lock()
+        self._serving = asyncio.Event()  # cleared while the base model is being swapped
+        self._serving.set()
+        self._kv_tokens: dict[str, int] = {}  # request id -> its tokens so far, while in flight
+        self._start(config)
+
+    def _start(self, config: EngineConfig) -> None:
+        """Start vLLM on `config.model`; what the engine derived from an earlier model
+        (its schema, plans, weight group) starts over."""
         import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -59,10 +69,7 @@ class GenerationEngine:
             raise EngineStartError(f"vLLM engine for {config.model} failed to start: {e}\n"
                                    f"{logs.tail()}") from e
         self.schema = checkpoint_schema(config.model, DTYPES[config.dtype])
-        self.counters = EngineCounters()
-        self._update_lock = asyncio.Lock()
         self._shared_wire = False
-        self._kv_tokens: dict[str, int] = {}  # request id -> its tokens so far, while in flight
         self._groups: dict[str, frozenset[str]] | None = None  # what loads together (partial plans)
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
@@ -83,6 +90,7 @@ class GenerationEngine:
     async def _run(self, prompt, sampling: Sampling):
         params = self._params(sampling)
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+        await self._serving.wait()  # a request that arrives during a swap runs on the new model
         start = self.counters.version
         request_id = uuid.uuid4().hex
         self.counters.in_flight += 1
@@ -262,6 +270,51 @@ class GenerationEngine:
 
     def stats(self) -> dict:
         return {**asdict(self.counters), "rss_mb": tree_rss_mb()}
+
+    async def swap_model(self, path: str) -> dict:
+        """Replace the base model (any architecture vLLM serves) in this actor: requests
+        in flight finish first, requests that arrive meanwhile wait and then run on the
+        new model; vLLM's engine core (its process and memory) is shut down before the
+        new one starts. The engine leaves its weight group: whoever sends it weights
+        forms a new one for the new plan. The weight version keeps rising from where it
+        was. Returns the load time and the memory (process tree RSS; free GPU memory)
+        before, after the release and after the load."""
+        import gc
+
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"swap_model: no config.json in {path!r} (pass a local HF directory)")
+        async with self._update_lock:  # no weight update lands across a swap
+            self._serving.clear()
+            try:
+                while self.counters.in_flight:
+                    await asyncio.sleep(0.01)
+                memory = {"before": await self._memory()}
+                await self.leave_weight_group()
+                t0 = time.perf_counter()
+                self.llm.shutdown()
+                del self.llm
+                gc.collect()
+                memory["released"] = await self._memory(engine=False)
+                t1 = time.perf_counter()
+                self._start(replace(self.config, model=path))
+                load_ms = (time.perf_counter() - t1) * 1e3
+                memory["after"] = await self._memory()
+            finally:
+                self._serving.set()
+        self.counters.swaps += 1
+        self.counters.last_swap = {"model": path, "release_ms": (t1 - t0) * 1e3, "load_ms": load_ms,
+                                   "memory": memory}
+        return self.counters.last_swap
+
+    async def _memory(self, engine: bool = True) -> dict:
+        """Process-tree RSS (MB) and, on GPU, free device memory (bytes)."""
+        import torch
+
+        out = {"rss_mb": tree_rss_mb()}
+        if torch.cuda.is_available():
+            out["gpu_free_bytes"] = (await self._free_device_bytes() if engine
+                                     else torch.cuda.mem_get_info()[0])
+        return out
 
     async def shutdown(self) -> None:
         self.llm.shutdown()

@@ -76,4 +76,6 @@ class EngineCounters:
     requests_done: int = 0
     tokens_generated: int = 0
     in_flight: int = 0
+    swaps: int = 0  # base models replaced in place (swap_model)
+    last_swap: dict = field(default_factory=dict)  # its model, load time and memory
     last_update: dict = field(default_factory=dict)
