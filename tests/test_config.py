@@ -32,7 +32,8 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("learner.max_tokens_per_micro_batch=-1", "learner.max_tokens_per_micro_batch"),
                           ("learner.optimizer_offload=1.5", "learner.optimizer_offload"),
                           ("learner.freeze=['']", "learner.freeze"),
-                          ("weights.kv_after_update=drop", "weights.kv_after_update")]:
+                          ("weights.kv_after_update=drop", "weights.kv_after_update"),
+                          ("engines.requests_during_swap=later", "engines.requests_during_swap")]:
         cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
         try:
             build_run_config(cfg)

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from rlloop.actors.engine import EngineConfig, engine_actor
+from rlloop.actors.engine import EngineConfig, EngineSwapping, engine_actor
 from rlloop.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,8 @@ def test_hot_swaps_between_architectures_match_transformers_and_keep_memory_flat
     model; requests sent during a swap wait and run on the new model; the old engine
     core's memory is released before the new one loads, and the process tree's RSS
     after each load stays flat across the swaps. A swap to a directory without a model
-    is refused and the engine keeps serving."""
+    is refused and the engine keeps serving; with requests_during_swap=refuse a
+    request that arrives mid-swap is answered with an error at once."""
     llama = str(build_tiny_model(tmp_path / "llama", seed=5, family="llama"))
     models = [tiny_model, llama]
     expected = {m: _reference(m, probe_prompts, greedy.max_tokens) for m in models}
@@ -65,9 +66,16 @@ def test_hot_swaps_between_architectures_match_transformers_and_keep_memory_flat
         assert mem["released"]["rss_mb"] < mem["before"]["rss_mb"] - 100, mem  # the engine core's process is gone
         rss.append(mem["after"]["rss_mb"])
         loads.append(info["load_ms"])
+    model = models[(SWAPS + 1) % 2]  # with requests_during_swap=refuse, one arriving mid-swap gets an error
+    swap = engine.swap_model.remote(model, requests="refuse")
+    refused = engine.generate.remote(probe_prompts, greedy)
+    with pytest.raises(EngineSwapping, match="request refused"):
+        ray.get(refused)
+    ray.get(swap)
+    assert _tokens(ray.get(engine.generate.remote(probe_prompts, greedy))) == expected[model]
     assert ray.get(engine.ready.remote())["pid"] == pid
     stats = ray.get(engine.stats.remote())
-    assert stats["swaps"] == SWAPS and stats["last_swap"]["model"] == models[SWAPS % 2]
+    assert stats["swaps"] == SWAPS + 1 and stats["last_swap"]["model"] == model
     print(f"{SWAPS} swaps: load ms {[round(x) for x in loads]}, rss after each (MB) {[round(x) for x in rss]}")
     # Flat: no growth from swap to swap beyond noise (measured: 2051-2052 MB over 4 swaps).
     assert max(rss) - min(rss) < 150, rss

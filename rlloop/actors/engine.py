@@ -29,6 +29,10 @@ class EngineStartError(RuntimeError):
     """vLLM's engine core failed to start; the message carries the core's own error."""
 
 
+class EngineSwapping(RuntimeError):
+    """A request refused because the engine is replacing its model (requests_during_swap=refuse)."""
+
+
 class GenerationEngine:
     """Use as `ray.remote(GenerationEngine)` (see `engine_actor`); methods are async."""
 
@@ -37,6 +41,7 @@ class GenerationEngine:
         self._update_lock = asyncio.Lock()
         self._serving = asyncio.Event()  # cleared while the base model is being swapped
         self._serving.set()
+        self._refuse_during_swap, self._swapping_to = False, None
         self._kv_tokens: dict[str, int] = {}  # request id -> its tokens so far, while in flight
         self._start(config)
 
@@ -90,7 +95,11 @@ class GenerationEngine:
     async def _run(self, prompt, sampling: Sampling):
         params = self._params(sampling)
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
-        await self._serving.wait()  # a request that arrives during a swap runs on the new model
+        if not self._serving.is_set():  # a request that arrives during a swap
+            if self._refuse_during_swap:
+                raise EngineSwapping(f"engine is swapping its model to {self._swapping_to}: request refused "
+                                     "(engines.requests_during_swap=refuse)")
+            await self._serving.wait()  # ... runs on the new model
         start = self.counters.version
         request_id = uuid.uuid4().hex
         self.counters.in_flight += 1
@@ -271,19 +280,25 @@ class GenerationEngine:
     def stats(self) -> dict:
         return {**asdict(self.counters), "rss_mb": tree_rss_mb()}
 
-    async def swap_model(self, path: str) -> dict:
+    async def swap_model(self, path: str, requests: str | None = None) -> dict:
         """Replace the base model (any architecture vLLM serves) in this actor: requests
         in flight finish first, requests that arrive meanwhile wait and then run on the
         new model; vLLM's engine core (its process and memory) is shut down before the
         new one starts. The engine leaves its weight group: whoever sends it weights
         forms a new one for the new plan. The weight version keeps rising from where it
-        was. Returns the load time and the memory (process tree RSS; free GPU memory)
-        before, after the release and after the load."""
+        was. `requests` overrides engines.requests_during_swap: "refuse" answers requests
+        that arrive mid-swap with EngineSwapping at once. Returns the load time and the
+        memory (process tree RSS; free GPU memory) before, after the release and after
+        the load."""
         import gc
 
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"swap_model: no config.json in {path!r} (pass a local HF directory)")
+        requests = requests or self.config.requests_during_swap
+        if requests not in ("wait", "refuse"):
+            raise ValueError(f"requests during a swap: wait or refuse, got {requests!r}")
         async with self._update_lock:  # no weight update lands across a swap
+            self._refuse_during_swap, self._swapping_to = requests == "refuse", path
             self._serving.clear()
             try:
                 while self.counters.in_flight:

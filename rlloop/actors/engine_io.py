@@ -24,10 +24,13 @@ class EngineConfig:
     enforce_eager: bool = default("engines.enforce_eager")
     receive_mode: str = default("engines.receive_mode")  # see rlloop.weights.receiver
     kv_after_update: str = default("weights.kv_after_update")  # keep | recompute (KV_AFTER_UPDATE)
+    requests_during_swap: str = default("engines.requests_during_swap")  # wait | refuse (swap_model)
     # GPU only: sleep() / wake_up() free and retake the engine's memory
     enable_sleep_mode: bool = default("engines.sleep_while_training")
 
     def __post_init__(self):
+        if self.requests_during_swap not in ("wait", "refuse"):
+            raise ValueError(f"engines.requests_during_swap must be wait or refuse, got {self.requests_during_swap!r}")
         if self.kv_after_update not in KV_AFTER_UPDATE:
             raise ValueError(f"weights.kv_after_update must be one of {KV_AFTER_UPDATE}, "
                              f"got {self.kv_after_update!r}")
