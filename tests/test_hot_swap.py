@@ -14,7 +14,7 @@ from rlloop.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.integration
 
-# Each swap restarts a vLLM engine core: about 65-95 s on a 2-core CPU, so CI makes 3
+# Each swap restarts a vLLM engine core: 46-95 s on a 2-core CPU (measured), so CI makes 3
 # (there, back, there); RLLOOP_TEST_SWAPS=20 is the full check (docs/benchmarks.md, "Hot swap").
 SWAPS = int(os.environ.get("RLLOOP_TEST_SWAPS", "3"))
 
