@@ -309,7 +309,7 @@ class GenerationEngine:
                 self.llm.shutdown()
                 del self.llm
                 gc.collect()
-                memory["released"] = await self._memory(engine=False)
+                memory["released"] = await self._memory()
                 t1 = time.perf_counter()
                 self._start(replace(self.config, model=path))
                 load_ms = (time.perf_counter() - t1) * 1e3
@@ -321,14 +321,20 @@ class GenerationEngine:
                                    "memory": memory}
         return self.counters.last_swap
 
-    async def _memory(self, engine: bool = True) -> dict:
-        """Process-tree RSS (MB) and, on GPU, free device memory (bytes)."""
+    async def _memory(self) -> dict:
+        """Process-tree RSS (MB) and, on GPU, the device's free memory (bytes) from NVML:
+        this actor opens no CUDA context of its own (it would hold memory itself)."""
         import torch
 
         out = {"rss_mb": tree_rss_mb()}
         if torch.cuda.is_available():
-            out["gpu_free_bytes"] = (await self._free_device_bytes() if engine
-                                     else torch.cuda.mem_get_info()[0])
+            from vllm.third_party import pynvml  # vendored by vLLM
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith("GPU-")
+                      else pynvml.nvmlDeviceGetHandleByIndex(int(visible)))
+            out["gpu_free_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).free
         return out
 
     async def shutdown(self) -> None:
