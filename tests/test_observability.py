@@ -64,17 +64,19 @@ def observed(ray_cluster, tmp_path_factory):
                     seen[key] = max(value, seen.get(key, -math.inf))
         except OSError:
             pass
-        if handle.done() and _expected() <= set(seen) and _final_version_seen(handle, seen):
+        if handle.done() and _expected() <= set(seen) and _last_step_seen(handle, seen):
             break
         time.sleep(1)
     summary = handle.wait(timeout=120, progress=False)
     return {"out": out, "handle": handle, "summary": summary, "seen": seen}
 
 
-def _final_version_seen(handle, seen) -> bool:
-    """Gauges arrive a few seconds after they are set: the last step's too?"""
+def _last_step_seen(handle, seen) -> bool:
+    """Gauges arrive a few seconds after they are set, and each actor pushes its own
+    on its own clock: has the last step's arrived from the coordinator and the learner?"""
     final = ray.get(handle.coordinator.progress.remote())["last"]["weight_version"]
-    return seen.get(("rlloop_weight_version", "coordinator")) == final
+    return (seen.get(("rlloop_weight_version", "coordinator")) == final
+            and seen.get(("rlloop_learner_steps", "learner")) == STEPS)
 
 
 def test_every_gauge_is_labelled_with_the_run_and_its_role(observed):
