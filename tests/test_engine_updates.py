@@ -45,18 +45,18 @@ def test_update_matches_transformers_on_both_engines(updater, greedy, probe_prom
 def test_update_lands_while_requests_are_mid_generation(updater):
     """16+ requests in flight on each engine; an update lands in the middle; every
     request finishes with its full length, none aborted, some span two versions."""
-    n, max_tokens = 20, 160
+    n, max_tokens = 20, 480  # prompts of <= 7 tokens, max_model_len 512
     sampling = Sampling(max_tokens=max_tokens, temperature=1.0, ignore_eos=True, seed=None)
     prompts = [f"{i}+{i}=" for i in range(n)]
     futures = [e.generate.remote(prompts, sampling) for e in updater.engines]
-    # Wait until generation is well under way on both engines.
+    # Wait until every request has tokens out on both engines (the push then takes a
+    # small part of the ~470 decode steps left).
     deadline = time.time() + 120
     while time.time() < deadline:
-        if all(s["in_flight"] == n and s["tokens_generated"] >= 0 for s in
+        if all(s["in_flight"] == n and s["kv_tokens"] >= n * 16 for s in
                ray.get([e.stats.remote() for e in updater.engines])):
             break
-        time.sleep(0.05)
-    time.sleep(0.5)
+        time.sleep(0.02)
     before = updater.version
     updater.push(seed=202)
     for gens in ray.get(futures, timeout=300):

@@ -56,13 +56,22 @@ class GenerationEngine:
         from rlloop.weights.protocol import DTYPES
 
         self.config = config
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and config.tensor_parallel_size == 1:
+            # vLLM's CPU platform puts its one worker in a process of its own (a second
+            # spawn after the engine core's, ~12 s of imports on an idle core, three
+            # times that on a loaded one) unless V1 multiprocessing is off; AsyncLLM
+            # still runs the core in its own process, which then holds the worker, as
+            # a TP=1 engine on a GPU does.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         args = AsyncEngineArgs(
             model=config.model, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, seed=config.seed, load_format=config.load_format,
             enforce_eager=config.enforce_eager, enable_prefix_caching=False,
             enable_sleep_mode=config.enable_sleep_mode,
-            kv_cache_memory_bytes=None if torch.cuda.is_available() else cpu_kv_cache_bytes(config),
+            distributed_executor_backend="uni" if on_cpu and config.tensor_parallel_size == 1 else None,
+            kv_cache_memory_bytes=cpu_kv_cache_bytes(config) if on_cpu else None,
             worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
         )
         logs = OwnLogs()
@@ -278,7 +287,8 @@ class GenerationEngine:
         return self.counters.version
 
     def stats(self) -> dict:
-        return {**asdict(self.counters), "rss_mb": tree_rss_mb()}
+        return {**asdict(self.counters), "rss_mb": tree_rss_mb(),
+                "kv_tokens": sum(self._kv_tokens.values())}  # prompt + output tokens of requests in flight
 
     async def swap_model(self, path: str, requests: str | None = None) -> dict:
         """Replace the base model (any architecture vLLM serves) in this actor: requests
