@@ -42,6 +42,7 @@ def build_run_config(cfg: DictConfig):
     need("rollout.zero_advantage", lambda v: v in ("drop", "keep", "refill"), "must be drop, keep or refill")
     need("rollout.refill_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
     need("weights.kv_after_update", lambda v: v in KV_AFTER_UPDATE, f"must be one of {KV_AFTER_UPDATE}")
+    need("weights.kv_gap_requests", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0")
     need("engines.requests_during_swap", lambda v: v in ("wait", "refuse"), "must be wait or refuse")
     backend = need("learner.backend", lambda v: v in ("hf", "megatron"), "must be hf or megatron")
     tp = need("learner.tensor_parallel_size", pos_int, "must be a positive integer")
@@ -108,7 +109,8 @@ def build_run_config(cfg: DictConfig):
                           gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                           max_num_seqs=e.max_num_seqs, seed=cfg.seed, enforce_eager=e.enforce_eager,
                           receive_mode=e.receive_mode, kv_after_update=cfg.weights.kv_after_update,
-                          requests_during_swap=e.requests_during_swap, enable_sleep_mode=sleep)
+                          requests_during_swap=e.requests_during_swap, enable_sleep_mode=sleep,
+                          kv_gap_requests=cfg.weights.kv_gap_requests)
     return RunConfig(
         name=str(cfg.name), output_dir=str(out), model=model, seed=cfg.seed, resume=resume,
         engines=EnginesConfig(engine=engine, count=engines, num_gpus=e.num_gpus, max_restarts=e.max_restarts,

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 
 from rlloop.actors.engine_io import (KV_AFTER_UPDATE, EngineConfig, EngineCounters, Generation, Sampling,
                                      UpdateStats)
+from rlloop.actors.kv_gap import KvGapMeter
 from rlloop.actors.vllm_process import OwnLogs, cpu_kv_cache_bytes, tree_rss_mb
 from rlloop.actors.weight_sync import placement
 from rlloop.metrics import report
@@ -42,7 +43,8 @@ class GenerationEngine:
         self._serving = asyncio.Event()  # cleared while the base model is being swapped
         self._serving.set()
         self._refuse_during_swap, self._swapping_to = False, None
-        self._kv_tokens: dict[str, int] = {}  # request id -> its tokens so far, while in flight
+        self._tokens: dict[str, tuple[int, int]] = {}  # request id in flight -> (prompt, generated) tokens
+        self.kv_gap = KvGapMeter(config.kv_gap_requests, self._logprobs_now, lambda: self.counters.version)
         self._start(config)
 
     def _start(self, config: EngineConfig) -> None:
@@ -116,18 +118,28 @@ class GenerationEngine:
         try:
             async for out in self.llm.generate(engine_prompt, params, request_id=request_id):
                 # tokens that hold KV cache now: what kv_after_update="recompute" prefills again
-                self._kv_tokens[request_id] = len(out.prompt_token_ids or ()) + len(out.outputs[0].token_ids)
+                self._tokens[request_id] = (len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
                 yield out, start
+            self.kv_gap.finished(request_id, out.prompt_token_ids, list(out.outputs[0].token_ids),
+                                 _token_logprobs(out.outputs[0]), self.counters.version)
         finally:
-            self._kv_tokens.pop(request_id, None)
+            self._tokens.pop(request_id, None)
             self.counters.in_flight -= 1
             report(in_flight=self.counters.in_flight)
 
     def _generation(self, prompt, out, start: int) -> Generation:
         c = out.outputs[0]
-        lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if c.logprobs else []
-        return Generation(prompt, list(c.token_ids), c.text, lps, c.finish_reason,
+        return Generation(prompt, list(c.token_ids), c.text, _token_logprobs(c), c.finish_reason,
                           start, self.counters.version)
+
+    async def _logprobs_now(self, token_ids: list[int]) -> list[float]:
+        """The loaded weights' log-prob of each token after the first (one prefill)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        async for out in self.llm.generate({"prompt_token_ids": token_ids}, params, request_id=uuid.uuid4().hex):
+            pass
+        return [d[t].logprob for t, d in zip(token_ids[1:], out.prompt_logprobs[1:])]
 
     async def generate_one(self, prompt: str | list[int], sampling: Sampling) -> Generation:
         final = None
@@ -241,7 +253,8 @@ class GenerationEngine:
                 # The workers hold the plan: only its key and the version cross.
                 results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
                 self.counters.version = request.version
-                recomputed = dict(self._kv_tokens) if kv == "recompute" else {}
+                gap = self.kv_gap.update_landed(request.version, {r: g for r, (_, g) in self._tokens.items()})
+                recomputed = {r: p + g for r, (p, g) in self._tokens.items()} if kv == "recompute" else {}
                 if recomputed:  # running requests go back to the waiting queue, KV freed
                     await self.llm.reset_prefix_cache(reset_running_requests=True)
             finally:
@@ -253,7 +266,8 @@ class GenerationEngine:
                 version=request.version, mode=results[0]["mode"], bytes=nbytes,
                 pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
                 gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0, kv=kv,
-                recomputed_requests=len(recomputed), recomputed_tokens=sum(recomputed.values()))
+                recomputed_requests=len(recomputed), recomputed_tokens=sum(recomputed.values()),
+                kv_gap_tokens=gap["tokens"], kv_gap_mean=gap["mean"], kv_gap_max=gap["max"])
             self.counters.updates += 1
             self.counters.last_update = asdict(stats)
             report(weight_version=stats.version, update_ms=stats.total_ms, stall_ms=stats.pause_ms,
@@ -288,7 +302,8 @@ class GenerationEngine:
 
     def stats(self) -> dict:
         return {**asdict(self.counters), "rss_mb": tree_rss_mb(),
-                "kv_tokens": sum(self._kv_tokens.values())}  # prompt + output tokens of requests in flight
+                "kv_tokens": sum(p + g for p, g in self._tokens.values()),  # of the requests in flight
+                "kv_gap": self.kv_gap.measured()}  # since the last update (see rlloop.actors.kv_gap)
 
     async def swap_model(self, path: str, requests: str | None = None) -> dict:
         """Replace the base model (any architecture vLLM serves) in this actor: requests
@@ -313,6 +328,7 @@ class GenerationEngine:
             try:
                 while self.counters.in_flight:
                     await asyncio.sleep(0.01)
+                await self.kv_gap.settle()
                 memory = {"before": await self._memory()}
                 await self.leave_weight_group()
                 t0 = time.perf_counter()
@@ -349,6 +365,13 @@ class GenerationEngine:
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def _token_logprobs(completion) -> list[float]:
+    """The log-prob of each sampled token (vLLM reports a dict per position)."""
+    if not completion.logprobs:
+        return []
+    return [d[t].logprob for t, d in zip(completion.token_ids, completion.logprobs)]
 
 
 def engine_gpus(config: EngineConfig, num_gpus: float | None) -> float:

@@ -25,6 +25,7 @@ class EngineConfig:
     receive_mode: str = default("engines.receive_mode")  # see rlloop.weights.receiver
     kv_after_update: str = default("weights.kv_after_update")  # keep | recompute (KV_AFTER_UPDATE)
     requests_during_swap: str = default("engines.requests_during_swap")  # wait | refuse (swap_model)
+    kv_gap_requests: int = default("weights.kv_gap_requests")  # re-scored per update (kv_gap)
     # GPU only: sleep() / wake_up() free and retake the engine's memory
     enable_sleep_mode: bool = default("engines.sleep_while_training")
 
@@ -69,6 +70,11 @@ class UpdateStats:
     kv: str = "keep"  # what the requests in flight did with their KV cache (kv_after_update)
     recomputed_requests: int = 0  # kv="recompute": requests in flight whose KV was dropped
     recomputed_tokens: int = 0  # ... and their tokens so far (prompt + generated), prefilled again
+    # the requests the previous update landed in, re-scored on the weights they finished
+    # under (rlloop.actors.kv_gap): tokens measured, mean and largest |log-prob gap|
+    kv_gap_tokens: int = 0
+    kv_gap_mean: float | None = None
+    kv_gap_max: float | None = None
 
 
 @dataclass

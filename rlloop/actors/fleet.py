@@ -77,7 +77,8 @@ class Fleet:
             if isinstance(e, WeightUpdateError):
                 raise  # refused before anything changed: a bug, not a failure
             self.recover(e)  # resends the current weights under a newer version
-            return {"update_ms": None, "stall_ms": None, "send_ms": None, "kv_recomputed_tokens": None}
+            return {"update_ms": None, "stall_ms": None, "send_ms": None, "kv_recomputed_tokens": None,
+                    "kv_logprob_gap": None}
 
     def train(self, samples: list[Sample]) -> dict:
         try:
@@ -138,8 +139,12 @@ class Fleet:
         req = WeightUpdateRequest(self.version, self.plan)
         # The learner computed the plan: it gets the ticket, never the plan.
         stats, send = self.pusher.push(req, lambda: self.learner.send_weights(req.ticket()))
+        measured = sum(s.kv_gap_tokens for s in stats)
         return {"update_ms": max(s.total_ms for s in stats), "stall_ms": max(s.pause_ms for s in stats),
-                "send_ms": send["send_ms"], "kv_recomputed_tokens": sum(s.recomputed_tokens for s in stats)}
+                "send_ms": send["send_ms"], "kv_recomputed_tokens": sum(s.recomputed_tokens for s in stats),
+                # mean over the tokens re-scored on every engine (rlloop.actors.kv_gap)
+                "kv_logprob_gap": sum(s.kv_gap_tokens * s.kv_gap_mean for s in stats if s.kv_gap_tokens) / measured
+                if measured else None}
 
     # --- recovery ---------------------------------------------------------------------
 
