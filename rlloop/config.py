@@ -129,7 +129,28 @@ def build_run_config(cfg: DictConfig):
         trainer=TrainerConfig(steps=steps, sft_steps=sft_steps(cfg, task), sft_batch=cfg.trainer.sft_batch,
                               sft_target_reward=sft_target, sft_check_every=sft_every,
                               pipelined=cfg.trainer.pipelined, rollouts_ahead=ahead,
-                              checkpoint_every=cfg.trainer.checkpoint_every, loggers=loggers))
+                              checkpoint_every=cfg.trainer.checkpoint_every, loggers=loggers),
+        server=server_config(cfg))
+
+
+def server_config(cfg: DictConfig):
+    """The endpoint's settings; keys from the config, else the environment, and a
+    control token generated when neither gives one."""
+    import os
+    import secrets
+
+    from rlloop.run_config import ServerConfig
+
+    need = partial(_need, cfg)
+    port = need("server.port", lambda v: isinstance(v, int) and 0 <= v < 65536, "must be a port number (0: any)")
+    size = need("server.max_body_bytes", lambda v: isinstance(v, int) and v > 0, "must be a positive integer")
+    for key in ("server.api_key", "server.openai_api_key", "server.served_model_name"):
+        need(key, lambda v: v is None or (isinstance(v, str) and v.strip() == v and v), "must be null or a non-empty string")
+    s = cfg.server
+    return ServerConfig(enabled=bool(s.enabled), host=str(s.host), port=port,
+                        api_key=s.api_key or os.environ.get("RLLOOP_API_KEY") or secrets.token_urlsafe(24),
+                        openai_api_key=s.openai_api_key or os.environ.get("RLLOOP_OPENAI_API_KEY"),
+                        served_model_name=s.served_model_name, max_body_bytes=size)
 
 
 def learner_config(cfg: DictConfig, model: str, objective, backend: str, tp: int, dp: int):

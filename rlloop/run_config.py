@@ -2,7 +2,7 @@
 config.py builds them from the composed yaml, the one place where defaults live."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlloop.actors.engine_io import EngineConfig
 from rlloop.learner.policy import LearnerConfig
@@ -65,6 +65,19 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    enabled: bool
+    host: str
+    port: int
+    # the control plane's bearer token (config, $RLLOOP_API_KEY or generated) and the /v1
+    # routes' key: never printed, never sent to a tracker
+    api_key: str = field(repr=False, metadata={"secret": True})
+    openai_api_key: str | None = field(repr=False, metadata={"secret": True})
+    served_model_name: str | None
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     output_dir: str
@@ -77,3 +90,4 @@ class RunConfig:
     eval: EvalConfig
     weights: WeightsConfig
     trainer: TrainerConfig
+    server: ServerConfig

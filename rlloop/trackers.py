@@ -51,6 +51,8 @@ def hyperparameters(run_cfg) -> dict[str, int | float | str | bool]:
     def walk(prefix: str, value) -> None:
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
+                if f.metadata.get("secret"):
+                    continue
                 v = getattr(value, f.name)
                 walk(f"{prefix}{f.name}.", len(v) if f.name == "problems" else v)
         elif isinstance(value, (bool, int, float, str)):

@@ -43,7 +43,10 @@ class GenerationEngine:
         self._serving = asyncio.Event()  # cleared while the base model is being swapped
         self._serving.set()
         self._refuse_during_swap, self._swapping_to = False, None
+        self._held = False  # paused through pause() (the control plane) until resume()
+        self._server = None  # (uvicorn server, its task): serve_openai
         self._tokens: dict[str, tuple[int, int]] = {}  # request id in flight -> (prompt, generated) tokens
+        self._start_version: dict[str, int] = {}  # request id in flight -> weight version it was admitted under
         self.kv_gap = KvGapMeter(config.kv_gap_requests, self._logprobs_now, lambda: self.counters.version)
         self._start(config)
 
@@ -104,26 +107,36 @@ class GenerationEngine:
                               seed=s.seed)
 
     async def _run(self, prompt, sampling: Sampling):
-        params = self._params(sampling)
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+        request_id = uuid.uuid4().hex
+        async for out in self.tracked_generate(engine_prompt, self._params(sampling), request_id):
+            yield out, self._start_version[request_id]
+
+    async def tracked_generate(self, prompt, params, request_id: str, *args, **kwargs):
+        """AsyncLLM.generate as every request of this engine runs it, from Ray or from its
+        OpenAI routes: it waits out (or is refused during) a swap, counts in flight and
+        done, keeps its KV tokens (kv_after_update=recompute) and may be re-scored
+        (kv_gap)."""
         if not self._serving.is_set():  # a request that arrives during a swap
             if self._refuse_during_swap:
                 raise EngineSwapping(f"engine is swapping its model to {self._swapping_to}: request refused "
                                      "(engines.requests_during_swap=refuse)")
             await self._serving.wait()  # ... runs on the new model
-        start = self.counters.version
-        request_id = uuid.uuid4().hex
+        self._start_version[request_id] = self.counters.version
         self.counters.in_flight += 1
         report(in_flight=self.counters.in_flight)
         try:
-            async for out in self.llm.generate(engine_prompt, params, request_id=request_id):
+            async for out in self.llm.generate(prompt, params, request_id, *args, **kwargs):
                 # tokens that hold KV cache now: what kv_after_update="recompute" prefills again
                 self._tokens[request_id] = (len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
-                yield out, start
+                yield out
+            self.counters.requests_done += 1
+            self.counters.tokens_generated += sum(len(c.token_ids) for c in out.outputs)
             self.kv_gap.finished(request_id, out.prompt_token_ids, list(out.outputs[0].token_ids),
                                  _token_logprobs(out.outputs[0]), self.counters.version)
         finally:
             self._tokens.pop(request_id, None)
+            self._start_version.pop(request_id, None)
             self.counters.in_flight -= 1
             report(in_flight=self.counters.in_flight)
 
@@ -145,10 +158,7 @@ class GenerationEngine:
         final = None
         async for out, start in self._run(prompt, sampling):
             final = (out, start)
-        gen = self._generation(prompt, *final)
-        self.counters.requests_done += 1
-        self.counters.tokens_generated += len(gen.token_ids)
-        return gen
+        return self._generation(prompt, *final)
 
     async def generate(self, prompts: list, sampling: Sampling | None = None,
                        seeds: list[int] | None = None) -> list[Generation]:
@@ -173,8 +183,6 @@ class GenerationEngine:
                 seen += len(new)
                 yield new, self.counters.version
             last = (out, start)
-        self.counters.requests_done += 1
-        self.counters.tokens_generated += seen
         yield self._generation(prompt, *last)
 
     # --- weights ----------------------------------------------------------------------
@@ -253,19 +261,21 @@ class GenerationEngine:
                 # The workers hold the plan: only its key and the version cross.
                 results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
                 self.counters.version = request.version
+                landed_in = len(self._tokens)
                 gap = self.kv_gap.update_landed(request.version, {r: g for r, (_, g) in self._tokens.items()})
                 recomputed = {r: p + g for r, (p, g) in self._tokens.items()} if kv == "recompute" else {}
                 if recomputed:  # running requests go back to the waiting queue, KV freed
                     await self.llm.reset_prefix_cache(reset_running_requests=True)
             finally:
-                await self.llm.resume_generation()
+                if not self._held:  # a pause asked for stays until resume()
+                    await self.llm.resume_generation()
             t2 = time.perf_counter()
             nbytes = request.plan.total_bytes
             receive_ms = max(r["worker_ms"] for r in results)
             stats = UpdateStats(
                 version=request.version, mode=results[0]["mode"], bytes=nbytes,
                 pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
-                gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0, kv=kv,
+                gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0, in_flight=landed_in, kv=kv,
                 recomputed_requests=len(recomputed), recomputed_tokens=sum(recomputed.values()),
                 kv_gap_tokens=gap["tokens"], kv_gap_mean=gap["mean"], kv_gap_max=gap["max"])
             self.counters.updates += 1
@@ -273,6 +283,42 @@ class GenerationEngine:
             report(weight_version=stats.version, update_ms=stats.total_ms, stall_ms=stats.pause_ms,
                    transfer_gbps=stats.gbps, in_flight=self.counters.in_flight)
             return stats
+
+    async def pause(self) -> dict:
+        """Hold the scheduler (requests stay, KV kept) until resume(); updates still land."""
+        async with self._update_lock:
+            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            self._held = True
+        return {"paused": True, "in_flight": self.counters.in_flight}
+
+    async def resume(self) -> dict:
+        async with self._update_lock:
+            self._held = False
+            await self.llm.resume_generation()
+        return {"paused": False, "in_flight": self.counters.in_flight}
+
+    # --- network face -----------------------------------------------------------------
+
+    async def serve_openai(self, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                           served_name: str | None = None) -> str:
+        """vLLM's OpenAI-compatible server over this engine, on this actor's event loop
+        (rlloop.serving.openai_app); returns its base URL. Port 0 picks a free one."""
+        from rlloop.serving.openai_app import openai_app, start_server
+
+        if self._server is not None:
+            raise RuntimeError("this engine already serves OpenAI routes")
+        app = await openai_app(_Tracked(self), self.config.model, served_name or self.config.model, api_key,
+                               lambda: self.counters.version)
+        server, task, bound = await start_server(app, host, port)
+        self._server = (server, task, dict(host=host, port=bound, api_key=api_key, served_name=served_name))
+        return f"http://{host}:{bound}"
+
+    async def stop_openai(self) -> None:
+        if self._server is not None:
+            server, task, _ = self._server
+            server.should_exit = True
+            await task
+            self._server = None
 
     async def sleep(self, level: int = 1) -> dict:
         """Release the engine's GPU memory while the learner trains (vLLM sleep mode;
@@ -330,6 +376,8 @@ class GenerationEngine:
                     await asyncio.sleep(0.01)
                 await self.kv_gap.settle()
                 memory = {"before": await self._memory()}
+                serving = self._server[2] if self._server else None  # the routes come back on the new model
+                await self.stop_openai()
                 await self.leave_weight_group()
                 t0 = time.perf_counter()
                 self.llm.shutdown()
@@ -339,6 +387,8 @@ class GenerationEngine:
                 t1 = time.perf_counter()
                 self._start(replace(self.config, model=path))
                 load_ms = (time.perf_counter() - t1) * 1e3
+                if serving:
+                    await self.serve_openai(**serving)
                 memory["after"] = await self._memory()
             finally:
                 self._serving.set()
@@ -364,7 +414,22 @@ class GenerationEngine:
         return out
 
     async def shutdown(self) -> None:
+        await self.stop_openai()
         self.llm.shutdown()
+
+
+class _Tracked:
+    """The AsyncLLM as vLLM's OpenAI layer sees it: its requests run through
+    tracked_generate, so they count, wait out swaps and keep their KV tokens like any."""
+
+    def __init__(self, engine: GenerationEngine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine.llm, name)
+
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        return self._engine.tracked_generate(prompt, sampling_params, request_id, *args, **kwargs)
 
 
 def _token_logprobs(completion) -> list[float]:

@@ -67,6 +67,7 @@ class UpdateStats:
     receive_ms: float  # receive + load on the workers (slowest worker)
     total_ms: float
     gbps: float
+    in_flight: int = 0  # requests in flight when it landed
     kv: str = "keep"  # what the requests in flight did with their KV cache (kv_after_update)
     recomputed_requests: int = 0  # kv="recompute": requests in flight whose KV was dropped
     recomputed_tokens: int = 0  # ... and their tokens so far (prompt + generated), prefilled again

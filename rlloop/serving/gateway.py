@@ -1,0 +1,226 @@
+"""One address in front of a run's engines: the OpenAI routes, balanced, and the
+control plane, authenticated.
+
+- `/v1/*` goes to the engine with the fewest requests in flight from here (each engine
+  serves vLLM's own OpenAI routes, rlloop.serving.openai_app); responses stream through
+  unchanged, with the engine's weight-version headers and `x-rlloop-engine`.
+- `/control/*` needs `Authorization: Bearer <server.api_key>`; without it, or with a
+  wrong one, 401 and nothing changes. Routes: GET version, stats, metrics (the rlloop
+  gauges in Prometheus' text format, as Ray's metrics agent on this node exports them); POST pause, resume, update ({"plan": key, "version": n,
+  "kv": "keep"|"recompute"}: the engines receive from their weight group as a
+  Ray-driven update does; the plan must have been prepared on them before).
+Bodies over `max_body_bytes` get 413, bad JSON or fields 400, unknown routes 404, a
+refused update 409; none of them reaches an engine's weights.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+from rlloop.serving.openai_app import bearer_ok
+
+CONTROL_BODY_BYTES = 64 << 10
+_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade", b"content-length",
+        b"host"}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Gateway:
+    """ASGI app over `engines` (Ray handles) serving at `urls` (their OpenAI servers)."""
+
+    def __init__(self, engines: list, urls: list[str], api_key: str, max_body_bytes: int = 8 << 20):
+        import httpx
+
+        if not api_key:
+            raise ValueError("the control plane needs an API key (server.api_key or RLLOOP_API_KEY)")
+        self.engines, self.urls, self.api_key = list(engines), list(urls), api_key
+        self.max_body_bytes = max_body_bytes
+        self.in_flight = [0] * len(urls)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=64))
+        self.control = {("GET", "version"): self._version, ("GET", "stats"): self._stats,
+                        ("GET", "metrics"): self._metrics, ("POST", "pause"): self._pause,
+                        ("POST", "resume"): self._resume, ("POST", "update"): self._update}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send, on_shutdown=self.client.aclose)
+        path = scope["path"]
+        try:
+            if path.startswith("/v1/") or path == "/v1":
+                return await self._proxy(scope, receive, send)
+            if path.startswith("/control/"):
+                return await self._control(scope, receive, send)
+            if path == "/health":
+                return await _json(send, 200, {"engines": len(self.urls)})
+            raise BadRequest(404, f"no route {path}")
+        except BadRequest as e:
+            await _json(send, e.status, {"error": {"message": str(e), "code": e.status}})
+
+    # --- OpenAI routes ----------------------------------------------------------------
+
+    async def _proxy(self, scope, receive, send):
+        body = await _body(receive, self.max_body_bytes, dict(scope["headers"]))
+        i = min(range(len(self.urls)), key=lambda k: self.in_flight[k])
+        self.in_flight[i] += 1
+        try:
+            url = self.urls[i] + scope["path"] + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
+            request = self.client.build_request(scope["method"], url, headers=headers, content=body)
+            response = await self.client.send(request, stream=True)
+            try:
+                out = [(k.encode(), v.encode()) for k, v in response.headers.items() if k.encode() not in _HOP]
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": [*out, (b"x-rlloop-engine", str(i).encode())]})
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                await response.aclose()
+        finally:
+            self.in_flight[i] -= 1
+
+    # --- control plane ----------------------------------------------------------------
+
+    async def _control(self, scope, receive, send):
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not bearer_ok(header, self.api_key):
+            raise BadRequest(401, "missing or wrong bearer token")
+        route = self.control.get((scope["method"], scope["path"].removeprefix("/control/")))
+        if route is None:
+            raise BadRequest(404, f"no control route {scope['method']} {scope['path']}")
+        body = await _body(receive, CONTROL_BODY_BYTES, dict(scope["headers"]))
+        result = await route(body)
+        if isinstance(result, str):  # Prometheus' text format
+            data = result.encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/plain; version=0.0.4"), (b"content-length", str(len(data)).encode())]})
+            return await send({"type": "http.response.body", "body": data})
+        await _json(send, 200, result)
+
+    async def _all(self, method: str, *args):
+        return list(await asyncio.gather(*(getattr(e, method).remote(*args) for e in self.engines)))
+
+    async def _version(self, _):
+        versions = await self._all("version")
+        return {"version": min(versions), "engines": versions}
+
+    async def _stats(self, _):
+        return {"engines": await self._all("stats")}
+
+    async def _pause(self, _):
+        return {"engines": await self._all("pause")}
+
+    async def _resume(self, _):
+        return {"engines": await self._all("resume")}
+
+    async def _update(self, body: bytes):
+        from dataclasses import asdict
+
+        from rlloop.actors.engine_io import KV_AFTER_UPDATE
+        from rlloop.weights.protocol import UpdateTicket, WeightUpdateError
+
+        fields = _object(body)
+        plan, version, kv = fields.get("plan"), fields.get("version"), fields.get("kv")
+        if set(fields) - {"plan", "version", "kv"}:
+            raise BadRequest(400, f"unknown fields {sorted(set(fields) - {'plan', 'version', 'kv'})}")
+        if not isinstance(plan, str) or not isinstance(version, int) or isinstance(version, bool):
+            raise BadRequest(400, 'an update is {"plan": "<plan key>", "version": <int>} (and "kv")')
+        if kv is not None and kv not in KV_AFTER_UPDATE:
+            raise BadRequest(400, f"kv must be one of {KV_AFTER_UPDATE}")
+        try:
+            stats = await self._all("update_weights", UpdateTicket(version, plan), None, kv)
+        except WeightUpdateError as e:
+            raise BadRequest(409, str(e)) from None
+        return {"version": version, "engines": [asdict(s) for s in stats]}
+
+    async def _metrics(self, _):
+        import ray
+
+        node = ray._private.worker.global_worker.node
+        url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        return "".join(line + "\n" for line in text.splitlines() if "rlloop_" in line)  # and their HELP, TYPE
+
+
+def _object(body: bytes) -> dict:
+    try:
+        value = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"body is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(400, "body must be a JSON object")
+    return value
+
+
+async def _body(receive, limit: int, headers: dict) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(413, f"body over {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest(400, "client went away")
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise BadRequest(413, f"body over {limit} bytes")
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _json(send, status: int, body: dict) -> None:
+    from rlloop.serving.openai_app import send_json
+
+    await send_json(send, status, body)
+
+
+async def _lifespan(receive, send, on_shutdown):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class Endpoint:
+    """The engines' OpenAI servers and a Gateway in front of them, served by uvicorn on
+    a daemon thread of this process (the `rlloop.serve` driver, or a run's coordinator)."""
+
+    def __init__(self, engines: list, host: str, port: int, api_key: str, openai_api_key: str | None,
+                 served_name: str, max_body_bytes: int):
+        import threading
+
+        import ray
+        import uvicorn
+
+        urls = ray.get([e.serve_openai.remote("127.0.0.1" if host in ("127.0.0.1", "localhost") else host, 0,
+                                              openai_api_key, served_name) for e in engines])
+        self.gateway = Gateway(engines, urls, api_key, max_body_bytes)
+        self.server = uvicorn.Server(uvicorn.Config(self.gateway, host=host, port=port, log_level="warning",
+                                                    access_log=False, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, name="rlloop-gateway", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the gateway could not listen on {host}:{port} (see the log above)")
+            self.thread.join(0.05)
+        self.url = f"http://{host}:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        """Stop the gateway and the engines' OpenAI servers (the engines keep running)."""
+        import ray
+
+        self.server.should_exit = True
+        self.thread.join(10)
+        ray.get([e.stop_openai.remote() for e in self.gateway.engines])
