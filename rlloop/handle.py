@@ -101,13 +101,8 @@ class RunHandle:
         return self.wait(timeout=timeout, progress=False)
 
 
-def launch_config(cfg) -> RunHandle:
-    """Start a run from a composed Hydra config (DictConfig)."""
-    from rlloop.actors.coordinator import Coordinator
-    from rlloop.actors.placement import on_this_node
-    from rlloop.config import build_run_config
-
-    run_cfg = build_run_config(cfg)
+def connect_ray(cfg) -> None:
+    """Join cfg.ray.address (or RAY_ADDRESS), else start a local cluster; once per process."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not ray.is_initialized():
         # "local", not None: None would join whatever cluster /tmp/ray/ray_current_cluster
@@ -115,6 +110,16 @@ def launch_config(cfg) -> RunHandle:
         ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=cfg.ray.dashboard,
                  log_to_driver=cfg.ray.log_to_driver,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
+
+
+def launch_config(cfg) -> RunHandle:
+    """Start a run from a composed Hydra config (DictConfig)."""
+    from rlloop.actors.coordinator import Coordinator
+    from rlloop.actors.placement import on_this_node
+    from rlloop.config import build_run_config
+
+    run_cfg = build_run_config(cfg)
+    connect_ray(cfg)
     coord = ray.remote(Coordinator).options(name=f"{run_cfg.name}/coordinator/0", num_cpus=0, max_concurrency=4,
                                             scheduling_strategy=on_this_node()).remote(run_cfg)
     return RunHandle(coord, coord.run.remote(), run_cfg)

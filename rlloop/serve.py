@@ -8,8 +8,6 @@ only). Ctrl-C stops it.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,27 +25,16 @@ def serve(cfg: DictConfig):
 
     from rlloop.actors.engine import engine_actor
     from rlloop.config import build_run_config
-    from rlloop.serving.gateway import Endpoint
+    from rlloop.handle import connect_ray
+    from rlloop.serving.endpoint import Endpoint
 
     run = build_run_config(cfg)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local",
-                 include_dashboard=cfg.ray.dashboard, log_to_driver=cfg.ray.log_to_driver,
-                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ["VLLM_LOGGING_LEVEL"]}})
-    e, s = run.engines, run.server
+    connect_ray(cfg)
+    e = run.engines
     engines = [engine_actor(e.engine, name=f"{run.name}/engine/{i}", num_gpus=e.num_gpus,
                             max_restarts=0, node_resource=e.node_resource) for i in range(e.count)]
     ray.get([engine.ready.remote() for engine in engines])
-    endpoint = Endpoint(engines, s.host, s.port, s.api_key, s.openai_api_key,
-                        s.served_model_name or run.model, s.max_body_bytes)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = out / "server.json"
-    info.touch(mode=0o600)
-    info.write_text(json.dumps({"url": endpoint.url, "model": s.served_model_name or run.model,
-                                "engines": e.count, "api_key": s.api_key}))
-    return endpoint, engines
+    return Endpoint(engines, run.server, run.model, run.output_dir), engines
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

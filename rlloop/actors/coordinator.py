@@ -40,6 +40,7 @@ class Coordinator:
         self.sft_loss: float | None = None  # of the last SFT step
         self.stop_requested = False
         self.phase = "starting engines and learner"  # what the run is doing before its first step
+        self.endpoint = None  # server.enabled: the run's OpenAI routes and control plane
 
     def progress(self, since: int | None = None) -> dict:
         """Steps done and the last row; with `since`, also the rows from that step on."""
@@ -68,6 +69,11 @@ class Coordinator:
             self._sft()
         self.phase = "sending the first weights"
         self.fleet.push()  # engines now serve the learner's weights
+        if cfg.server.enabled:  # outside clients sample the live policy (rlloop/serving/)
+            from rlloop.serving.endpoint import Endpoint
+
+            self.endpoint = Endpoint(self.fleet.engines, cfg.server, cfg.model, self.out)
+            print(f"[rlloop] {cfg.name}: OpenAI routes at {self.endpoint.url}/v1", flush=True)
         self.phase = "training"
         trackers = RunTrackers(cfg.trainer.loggers, cfg.output_dir, cfg.name, hyperparameters(cfg))
         for row in self.history:  # a resumed run's curve continues the old one
@@ -130,6 +136,8 @@ class Coordinator:
             train = fleet.train(list(batch.samples)) if batch.samples else {}
             woke = fleet.wake() if self.cfg.engines.sleep_while_training else {}
             update = fleet.push()
+            if self.endpoint is not None and fleet.failures:
+                self.endpoint.refresh()  # an engine Ray restarted serves again
             scored = self._evaluate(step) if self._eval_due(step, last) else {}
             row = {"step": step, "weight_version": fleet.version, **batch.metrics, **fleet.counters(),
                    **train, **slept, **woke, **update, **scored, "time_s": time.perf_counter() - t_start}
@@ -181,5 +189,7 @@ class Coordinator:
         return state["step"] + 1
 
     def shutdown(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
         if hasattr(self, "fleet"):
             self.fleet.shutdown()

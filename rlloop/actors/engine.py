@@ -311,7 +311,16 @@ class GenerationEngine:
                                lambda: self.counters.version)
         server, task, bound = await start_server(app, host, port)
         self._server = (server, task, dict(host=host, port=bound, api_key=api_key, served_name=served_name))
-        return f"http://{host}:{bound}"
+        return self.openai_url()
+
+    def openai_url(self) -> str | None:
+        if self._server is None:
+            return None
+        import ray
+
+        opts = self._server[2]
+        host = ray.util.get_node_ip_address() if opts["host"] == "0.0.0.0" else opts["host"]  # reachable from others
+        return f"http://{host}:{opts['port']}"
 
     async def stop_openai(self) -> None:
         if self._server is not None:

@@ -192,35 +192,3 @@ async def _lifespan(receive, send, on_shutdown):
             await send({"type": "lifespan.shutdown.complete"})
             return
 
-
-class Endpoint:
-    """The engines' OpenAI servers and a Gateway in front of them, served by uvicorn on
-    a daemon thread of this process (the `rlloop.serve` driver, or a run's coordinator)."""
-
-    def __init__(self, engines: list, host: str, port: int, api_key: str, openai_api_key: str | None,
-                 served_name: str, max_body_bytes: int):
-        import threading
-
-        import ray
-        import uvicorn
-
-        urls = ray.get([e.serve_openai.remote("127.0.0.1" if host in ("127.0.0.1", "localhost") else host, 0,
-                                              openai_api_key, served_name) for e in engines])
-        self.gateway = Gateway(engines, urls, api_key, max_body_bytes)
-        self.server = uvicorn.Server(uvicorn.Config(self.gateway, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="rlloop-gateway", daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError(f"the gateway could not listen on {host}:{port} (see the log above)")
-            self.thread.join(0.05)
-        self.url = f"http://{host}:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self) -> None:
-        """Stop the gateway and the engines' OpenAI servers (the engines keep running)."""
-        import ray
-
-        self.server.should_exit = True
-        self.thread.join(10)
-        ray.get([e.stop_openai.remote() for e in self.gateway.engines])
