@@ -4,6 +4,7 @@ that never reaches the weights, and an update through HTTP landing under a strea
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -182,6 +183,35 @@ def test_200_malformed_requests_get_4xx_and_leave_the_engine_serving_its_weights
     assert greedy() == before
     stats = _control(served, "GET", "stats").json()["engines"][0]
     assert stats["version"] == 0 and stats["updates"] == 0 and stats["in_flight"] == 0
+
+
+def test_a_swap_through_the_control_cli_replaces_the_served_model(served, tiny_model):
+    """`python -m rlloop.control swap DIR`: the engine replaces its base model (another
+    architecture and tokenizer) and the same address answers with it, as transformers
+    does; a directory without a model is refused and the old one keeps serving."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def control(*args, timeout=900):
+        return subprocess.run([sys.executable, "-m", "rlloop.control", *args, "--url", served], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, "RLLOOP_API_KEY": CONTROL})
+
+    def greedy(prompt):
+        return _client(served).completions.create(model="own", prompt=prompt, max_tokens=16, temperature=0,
+                                                  extra_body={"ignore_eos": True}).choices[0].text
+    before = greedy("3+4=")
+    refused = control("swap", str(REPO / "no-such-model"), timeout=120)
+    assert refused.returncode == 1 and "no config.json" in refused.stdout, refused.stdout + refused.stderr
+    assert greedy("3+4=") == before
+    done = control("swap", tiny_model)
+    assert done.returncode == 0, done.stdout + done.stderr
+    swap = json.loads(done.stdout)["engines"][0]
+    assert swap["model"] == tiny_model and swap["load_ms"] > 0
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = tok("3+4=", return_tensors="pt").input_ids
+    want = tok.decode(hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=1)[0, ids.shape[1]:])
+    assert greedy("3+4=") == want != before
+    assert json.loads(control("version", timeout=60).stdout)["version"] == 0
 
 
 def test_an_update_through_the_control_plane_lands_under_a_stream(updater, tiny_model, tmp_path):

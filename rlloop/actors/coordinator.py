@@ -72,7 +72,7 @@ class Coordinator:
         if cfg.server.enabled:  # outside clients sample the live policy (rlloop/serving/)
             from rlloop.serving.endpoint import Endpoint
 
-            self.endpoint = Endpoint(self.fleet.engines, cfg.server, cfg.model, self.out)
+            self.endpoint = Endpoint(self.fleet.engines, cfg.server, cfg.model, self.out, allow_swap=False)
             print(f"[rlloop] {cfg.name}: OpenAI routes at {self.endpoint.url}/v1", flush=True)
         self.phase = "training"
         trackers = RunTrackers(cfg.trainer.loggers, cfg.output_dir, cfg.name, hyperparameters(cfg))

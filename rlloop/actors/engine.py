@@ -385,7 +385,9 @@ class GenerationEngine:
                     await asyncio.sleep(0.01)
                 await self.kv_gap.settle()
                 memory = {"before": await self._memory()}
-                serving = self._server[2] if self._server else None  # the routes come back on the new model
+                serving = dict(self._server[2]) if self._server else None  # the routes come back on the new model
+                if serving and serving["served_name"] in (None, self.config.model):
+                    serving["served_name"] = path  # named after its model: now the new one
                 await self.stop_openai()
                 await self.leave_weight_group()
                 t0 = time.perf_counter()

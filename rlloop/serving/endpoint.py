@@ -12,16 +12,17 @@ from rlloop.serving.gateway import Gateway
 
 
 class Endpoint:
-    def __init__(self, engines: list, server, model: str, output_dir: str | Path):
+    def __init__(self, engines: list, server, model: str, output_dir: str | Path, allow_swap: bool = True):
         """`server`: the run's ServerConfig; `model`: the name clients pass unless
-        server.served_model_name is set."""
+        server.served_model_name is set; `allow_swap`: whether /control/swap may
+        replace the engines' model (not under a training run's learner)."""
         import ray
         import uvicorn
 
         self.engines, self.config = list(engines), server
         self.model = server.served_model_name or model
         urls = ray.get([self._serve(e) for e in self.engines])
-        self.gateway = Gateway(self.engines, urls, server.api_key, server.max_body_bytes)
+        self.gateway = Gateway(self.engines, urls, server.api_key, server.max_body_bytes, allow_swap)
         self.server = uvicorn.Server(uvicorn.Config(self.gateway, host=server.host, port=server.port,
                                                     log_level="warning", access_log=False, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name="rlloop-gateway", daemon=True)

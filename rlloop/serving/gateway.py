@@ -8,7 +8,9 @@ control plane, authenticated.
   wrong one, 401 and nothing changes. Routes: GET version, stats, metrics (the rlloop
   gauges in Prometheus' text format, as Ray's metrics agent on this node exports them); POST pause, resume, update ({"plan": key, "version": n,
   "kv": "keep"|"recompute"}: the engines receive from their weight group as a
-  Ray-driven update does; the plan must have been prepared on them before).
+  Ray-driven update does; the plan must have been prepared on them before), swap
+  ({"model": dir}: each engine in turn replaces its base model, swap_model; refused
+  for a training run's endpoint).
 Bodies over `max_body_bytes` get 413, bad JSON or fields 400, unknown routes 404, a
 refused update 409; none of them reaches an engine's weights.
 """
@@ -34,7 +36,8 @@ class BadRequest(Exception):
 class Gateway:
     """ASGI app over `engines` (Ray handles) serving at `urls` (their OpenAI servers)."""
 
-    def __init__(self, engines: list, urls: list[str], api_key: str, max_body_bytes: int = 8 << 20):
+    def __init__(self, engines: list, urls: list[str], api_key: str, max_body_bytes: int = 8 << 20,
+                 allow_swap: bool = True):
         import httpx
 
         if not api_key:
@@ -42,11 +45,15 @@ class Gateway:
         self.engines, self.urls, self.api_key = list(engines), list(urls), api_key
         self.max_body_bytes = max_body_bytes
         self.in_flight = [0] * len(urls)
+        self.allow_swap = allow_swap  # a training run's engines follow its learner: no swaps
+        self.swapping: set[int] = set()  # engines replacing their model: no requests routed there
+        self.swapped = asyncio.Event()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=64))
         self.control = {("GET", "version"): self._version, ("GET", "stats"): self._stats,
                         ("GET", "metrics"): self._metrics, ("POST", "pause"): self._pause,
-                        ("POST", "resume"): self._resume, ("POST", "update"): self._update}
+                        ("POST", "resume"): self._resume, ("POST", "update"): self._update,
+                        ("POST", "swap"): self._swap}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -67,7 +74,10 @@ class Gateway:
 
     async def _proxy(self, scope, receive, send):
         body = await _body(receive, self.max_body_bytes, dict(scope["headers"]))
-        i = min(range(len(self.urls)), key=lambda k: self.in_flight[k])
+        while len(self.swapping) == len(self.urls):  # every engine is swapping: wait for one
+            self.swapped.clear()
+            await self.swapped.wait()
+        i = min((k for k in range(len(self.urls)) if k not in self.swapping), key=lambda k: self.in_flight[k])
         self.in_flight[i] += 1
         try:
             url = self.urls[i] + scope["path"] + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
@@ -139,6 +149,28 @@ class Gateway:
         except WeightUpdateError as e:
             raise BadRequest(409, str(e)) from None
         return {"version": version, "engines": [asdict(s) for s in stats]}
+
+    async def _swap(self, body: bytes):
+        """Replace every engine's base model, one engine at a time, so that the others
+        keep answering; the engine's OpenAI routes come back on the new model."""
+        fields = _object(body)
+        model, requests = fields.get("model"), fields.get("requests")
+        if set(fields) - {"model", "requests"} or not isinstance(model, str) or requests not in (None, "wait", "refuse"):
+            raise BadRequest(400, 'a swap is {"model": "<local HF directory>"} (and "requests": "wait"|"refuse")')
+        if not self.allow_swap:
+            raise BadRequest(409, "this endpoint serves a training run, whose engines follow its learner: no swap")
+        done = []
+        for i, engine in enumerate(self.engines):
+            self.swapping.add(i)
+            try:
+                done.append(await engine.swap_model.remote(model, requests))
+                self.urls[i] = await engine.openai_url.remote()
+            except ValueError as e:  # no model there: refused before anything changed
+                raise BadRequest(400, str(getattr(e, "cause", e))) from None
+            finally:
+                self.swapping.discard(i)
+                self.swapped.set()
+        return {"model": model, "engines": done}
 
     async def _metrics(self, _):
         import ray
