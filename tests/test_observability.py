@@ -48,8 +48,10 @@ def observed(ray_cluster, tmp_path_factory):
     handle = launch_config(compose_config([
         "+conf=grpo", f"output_dir={out}", f"name={RUN}", f"trainer.steps={STEPS}", "trainer.sft_steps=10",
         "trainer.sft_target_reward=2", "trainer.sft_check_every=5", "eval.fraction=0.1", "trainer.loggers=[jsonl,tensorboard,wandb,mlflow]",
-        "learner.peak_tflops=0.5"]))  # a CPU has no peak in the table: without one, learner_mfu is not exported
+        "learner.peak_tflops=0.5",  # a CPU has no peak in the table: without one, learner_mfu is not exported
+        "server.enabled=true", "server.port=0"]))  # and outside clients sample the live policy
     seen: dict[tuple[str, str], float] = {}
+    served: list[tuple[int, int]] = []  # (version at start, at end) of each completion asked during the run
     deadline = time.time() + 600
     while time.time() < deadline:
         # Ray pushes gauges to its metrics agent every few seconds (later on a loaded
@@ -57,6 +59,8 @@ def observed(ray_cluster, tmp_path_factory):
         # has arrived. The last step's gauges (eval, learner) are set a second before it.
         if handle.done():
             deadline = min(deadline, time.time() + 120)
+        if not handle.done() and (info := out / "server.json").exists() and info.read_text():
+            served.extend(_complete(json.loads(info.read_text())))
         try:
             for gauge, labels, value in _scrape():
                 if labels.get("run") == RUN:
@@ -68,7 +72,23 @@ def observed(ray_cluster, tmp_path_factory):
             break
         time.sleep(1)
     summary = handle.wait(timeout=120, progress=False)
-    return {"out": out, "handle": handle, "summary": summary, "seen": seen}
+    return {"out": out, "handle": handle, "summary": summary, "seen": seen, "served": served}
+
+
+def _complete(info: dict) -> list[tuple[int, int]]:
+    """A few completions from the run's OpenAI route: the versions that answered."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{info['url']}/v1", api_key="open", max_retries=0, timeout=60)
+    versions = []
+    for _ in range(5):
+        try:
+            raw = client.completions.with_raw_response.create(model=info["model"], prompt="12+7=", max_tokens=4)
+        except openai.APIConnectionError:  # the run ended meanwhile
+            break
+        assert raw.parse().choices[0].text is not None
+        versions.append((int(raw.headers["x-rlloop-version-start"]), int(raw.headers["x-rlloop-version-end"])))
+    return versions
 
 
 def _last_step_seen(handle, seen) -> bool:
@@ -194,3 +214,13 @@ def test_coordinator_logs_one_line_per_step(observed):
     lines = [line for f in logs.glob("worker-*.out") if os.path.getsize(f)
              for line in f.read_text(errors="replace").splitlines() if line.startswith(f"[rlloop] {RUN} step ")]
     assert [line.split(":")[0] for line in lines] == [f"[rlloop] {RUN} step {i}/{STEPS}" for i in range(1, STEPS + 1)]
+
+
+def test_outside_clients_sample_the_live_policy_and_see_its_version(observed):
+    """server.enabled=true: while the run trains, completions through its OpenAI route
+    come from the weights being updated in flight, each saying which version made it."""
+    served = observed["served"]
+    ends = [b for _, b in served]
+    print(f"{len(served)} completions, versions {sorted(set(ends))}")
+    assert all(a <= b for a, b in served) and ends == sorted(ends)
+    assert len(set(ends)) >= 2 and ends[-1] <= observed["summary"]["weight_version"]
