@@ -68,6 +68,15 @@ def build_run_config(cfg: DictConfig):
         import_function(rollout_fn, "rollout function")
     except ValueError as e:
         raise ConfigError(f"config key 'rollout.function': {e}") from None
+    agent, demonstration = (need(key, lambda v: v is None or isinstance(v, str), "must be null or a module:function string")
+                            for key in ("rollout.agent", "rollout.demonstration"))
+    for key, spec in (("rollout.agent", agent), ("rollout.demonstration", demonstration)):
+        try:
+            if spec is not None:
+                import_function(spec, key.split(".")[1])
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+    need("rollout.max_turns", pos_int, "must be a positive integer")
     need("learner.ppo_mini_batches", pos_int, "must be a positive integer")
     sft_target = need("trainer.sft_target_reward", lambda v: v is None or isinstance(v, (int, float)),
                       "must be null or a number")
@@ -121,7 +130,8 @@ def build_run_config(cfg: DictConfig):
                               max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                               normalize_std=cfg.rollout.normalize_std, max_lag=lag,
                               zero_advantage=cfg.rollout.zero_advantage, refill_rounds=cfg.rollout.refill_rounds,
-                              dump_every=cfg.rollout.dump_every),
+                              dump_every=cfg.rollout.dump_every, agent=agent, max_turns=cfg.rollout.max_turns,
+                              demonstration=demonstration),
         eval=EvalConfig(problems=tuple(eval_problems), every=cfg.eval.every,
                         max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens),
         weights=WeightsConfig(backend=cfg.weights.backend, bucket_mb=cfg.weights.bucket_mb,

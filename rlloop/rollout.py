@@ -30,6 +30,7 @@ from rlloop.actors.liveness import ACTOR_TROUBLE
 from rlloop.learner.grpo import group_advantages
 from rlloop.learner.policy import Sample
 from rlloop.run_config import RunConfig
+from rlloop.plugins import import_function
 from rlloop.run_report import write_jsonl
 from rlloop.tasks.problem import Problem
 from rlloop.tasks.prompts import PromptEncoder
@@ -118,8 +119,9 @@ class Rollouts:
                 self.dropped_stale += 1
                 continue
             if g.token_ids and (adv[i] != 0 or cfg.zero_advantage == "keep"):
-                samples.append(Sample(prompts[i], g.token_ids, g.logprobs, adv[i].item(),
-                                      rewards[i].item(), g.version_start, g.version_end))
+                samples.append(Sample(prompts[i], g.token_ids, g.logprobs, adv[i].item(), rewards[i].item(),
+                                      g.version_start, g.version_end,
+                                      None if g.loss_mask is None else tuple(g.loss_mask)))
         tokens = sum(len(g.token_ids) for g in gens)
         metrics = {"reward_mean": reward_mean, "lag_max": max(lags), "tok_s": tokens / elapsed,
                    "rollout_s": elapsed, "samples": len(samples), "dropped_stale": self.dropped_stale,
@@ -152,8 +154,11 @@ class Rollouts:
         """Prompt ids and answer ids (+ end of sequence) of n training problems."""
         eos = self.prompts.tokenizer.eos_token_id
         batch = self.draw(n)
+        target = import_function(self.cfg.demonstration, "demonstration") if self.cfg.demonstration else (
+            lambda question, answer: answer)
         return ([self.prompts.ids(p.prompt) for p in batch],
-                [self.prompts.tokenizer(p.answer, add_special_tokens=False).input_ids + [eos] for p in batch])
+                [self.prompts.tokenizer(target(p.prompt, p.answer), add_special_tokens=False).input_ids + [eos]
+                 for p in batch])
 
     def state(self) -> dict:
         """What a checkpoint keeps so that a resumed run draws what it would have."""
@@ -185,9 +190,14 @@ class Rollouts:
         for e, groups in zip(engines, per_engine):
             idx = [g * group_size + k for g in groups for k in range(group_size)]
             if idx:
-                futures.append((e, idx, e.generate.remote([prompts[i] for i in idx], sampling,
-                                                          [seeds[i] for i in idx])))
+                futures.append((e, idx, self._request(e, [prompts[i] for i in idx], sampling, [seeds[i] for i in idx])))
         return Pending(problems, prompts, sampling, seeds, futures, time.perf_counter())
+
+    def _request(self, engine, prompts, sampling: Sampling, seeds) -> ray.ObjectRef:
+        """One engine's requests: single completions, or rollout.agent's episodes."""
+        if self.cfg.agent:
+            return engine.episodes.remote(prompts, sampling, seeds, self.cfg.agent, self.cfg.max_turns)
+        return engine.generate.remote(prompts, sampling, seeds)
 
     def _gather(self, pending: Pending) -> tuple[list[Generation], float]:
         """The generations, in request order, and the rollout's wall time."""
@@ -201,8 +211,8 @@ class Rollouts:
                 # with the same seeds, so no sample is lost. A second failure propagates.
                 self.fleet.recover(e)
                 self.requests_reissued += len(idx)
-                out = ray.get(engine.generate.remote([pending.prompts[i] for i in idx], pending.sampling,
-                                                     [pending.seeds[i] for i in idx]))
+                out = ray.get(self._request(engine, [pending.prompts[i] for i in idx], pending.sampling,
+                                            [pending.seeds[i] for i in idx]))
             for i, g in zip(idx, out):
                 gens[i] = g
         return gens, time.perf_counter() - pending.started
@@ -239,7 +249,9 @@ class Rollouts:
         write_jsonl(self.out / "rollouts" / f"step_{step}.jsonl", [
             {"id": problems[i // size].id, "prompt": self.prompts.text(problems[i // size].prompt),
              "completion": g.text, "answer": problems[i // size].answer, "reward": rewards[i].item(),
-             "advantage": adv[i].item(), "version_start": g.version_start, "version_end": g.version_end}
+             "advantage": adv[i].item(), "version_start": g.version_start, "version_end": g.version_end,
+             **({"conversation": [{"role": t["role"], "content": t["content"]} for t in g.conversation]}
+                if g.conversation else {})}
             for i, g in enumerate(gens)])
 
 

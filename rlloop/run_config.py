@@ -35,6 +35,9 @@ class RolloutConfig:
     zero_advantage: str  # drop | keep | refill (docs/objectives.md)
     refill_rounds: int  # zero_advantage=refill: extra rollouts per step at most
     dump_every: int  # steps; rollouts/step_N.jsonl and eval/step_N.jsonl (0: never)
+    agent: str | None  # module:function running multi-turn episodes (rlloop/agents/); None: one turn
+    max_turns: int  # model turns per episode, at most
+    demonstration: str | None  # module:function (question, answer) -> the SFT warm-up's target text
 
 
 @dataclass(frozen=True)

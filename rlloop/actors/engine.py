@@ -76,6 +76,10 @@ class GenerationEngine:
             enforce_eager=config.enforce_eager, enable_prefix_caching=False,
             enable_sleep_mode=config.enable_sleep_mode,
             distributed_executor_backend="uni" if on_cpu and config.tensor_parallel_size == 1 else None,
+            # A prefill split over steps rewinds the request's sampling generator, which a
+            # CPU generator cannot do ("CPU Generator does not use offset": the core dies):
+            # on CPU every prompt is prefilled whole (second turns of 256 episodes at once do).
+            enable_chunked_prefill=False if on_cpu else None,
             kv_cache_memory_bytes=cpu_kv_cache_bytes(config) if on_cpu else None,
             worker_extension_cls="rlloop.weights.receiver.WeightReceiver",
         )
@@ -104,7 +108,7 @@ class GenerationEngine:
 
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                               ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
-                              seed=s.seed)
+                              seed=s.seed, stop=list(s.stop) or None, include_stop_str_in_output=bool(s.stop))
 
     async def _run(self, prompt, sampling: Sampling):
         engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
@@ -168,6 +172,24 @@ class GenerationEngine:
         per_prompt = ([replace(sampling, seed=s) for s in seeds] if seeds is not None
                       else [sampling] * len(prompts))
         return list(await asyncio.gather(*(self.generate_one(p, s) for p, s in zip(prompts, per_prompt))))
+
+    async def episodes(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int], agent: str,
+                       max_turns: int) -> list[Generation]:
+        """Multi-turn rollouts: `agent` (module:function, rlloop.agents) runs once per
+        prompt against a token-in/token-out client of this engine; each episode comes
+        back as one Generation whose loss_mask marks the tokens the model sampled."""
+        from rlloop.agents.episode import TurnClient, run_agent
+
+        client = TurnClient(self, self._tokenizer())
+        return list(await asyncio.gather(*(run_agent(agent, client, p, replace(sampling, seed=s), max_turns)
+                                           for p, s in zip(prompts, seeds))))
+
+    def _tokenizer(self):
+        if getattr(self, "_hf_tokenizer", (None, None))[0] != self.config.model:
+            from transformers import AutoTokenizer
+
+            self._hf_tokenizer = (self.config.model, AutoTokenizer.from_pretrained(self.config.model))
+        return self._hf_tokenizer[1]
 
     async def generate_stream(self, prompt: str | list[int], sampling: Sampling | None = None):
         """Yields (new token ids, weight version) as tokens arrive, then the Generation."""

@@ -45,6 +45,7 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: bool = True
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the request (kept in its text and tokens)
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Generation:
     finish_reason: str | None
     version_start: int  # weight version when the request was admitted
     version_end: int  # weight version when it finished
+    # a multi-turn episode (rlloop.agents): which tokens the model sampled (False: tool or
+    # environment text, no loss), and the conversation turn by turn
+    loss_mask: list[bool] | None = None
+    conversation: list[dict] | None = None
 
 
 @dataclass

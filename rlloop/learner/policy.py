@@ -24,6 +24,9 @@ class Sample:
     reward: float
     version_start: int
     version_end: int
+    # per completion token: False where a tool or the environment wrote it (no loss);
+    # None: the model wrote every token
+    loss_mask: tuple[bool, ...] | None = None
 
 
 ATTENTIONS = ("auto", "sdpa", "local", "te")  # megatron's core attention (attention.py)
@@ -231,13 +234,16 @@ class PolicyLearner:
         self.step(self.cfg.sft_lr)
         return {"sft_loss": self.dp_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()}
 
-    def _tensors(self, part: list[Sample]):
+    def _batch(self, part: list[Sample]):
         """ids [N, T], completion mask and behaviour log-probs [N, T-1], advantages [N]."""
         ids, comp = pack_batch([s.prompt_ids for s in part], [s.completion_ids for s in part],
                                self.cfg.pad_id, "cpu")
         behaviour = torch.zeros(comp.shape)
         for i, s in enumerate(part):
             behaviour[i][comp[i]] = torch.tensor(s.behaviour_logprobs, dtype=behaviour.dtype)
+            if s.loss_mask is not None:  # environment tokens: context only, never a loss term
+                at = comp[i].nonzero()[:, 0]
+                comp[i, at[~torch.tensor(s.loss_mask, dtype=torch.bool)]] = False
         adv = torch.tensor([s.advantage for s in part])
         return ids.to(self.device), comp.to(self.device), behaviour.to(self.device), adv.to(self.device)
 
@@ -259,7 +265,7 @@ class PolicyLearner:
         proximal = None
         if obj.anchor == "proximal":
             with torch.no_grad():
-                proximal = [[self.token_logprobs(*self._tensors(p)[:2])[0] for p in mini] for mini in parts]
+                proximal = [[self.token_logprobs(*self._batch(p)[:2])[0] for p in mini] for mini in parts]
         sums: dict[str, float] = {}
         maxes: dict[str, float] = {}
         grad_norms = []
@@ -270,7 +276,7 @@ class PolicyLearner:
             total_tokens, total_samples = counts.tolist()
             self.zero_grad()
             for i, part in enumerate(mini):
-                ids, comp, behaviour, adv = self._tensors(part)
+                ids, comp, behaviour, adv = self._batch(part)
                 logp, entropy = self.token_logprobs(ids, comp)
                 if j == 0:
                     gap += self._logprob_gap(part, logp, behaviour, comp)
