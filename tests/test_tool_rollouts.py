@@ -11,9 +11,10 @@ from rlloop.train import run
 
 pytestmark = pytest.mark.integration
 
-# last 10 steps' mean reward - first 10's, over seeds 0-4 of this recipe (60 steps):
-# measured in docs/benchmarks.md ("Tool rollouts"); the bound sits below the least.
-GAIN = 0.2
+# last 10 steps' mean reward - first 10's, seeds 0-4 of this recipe (60 pipelined steps,
+# CPU): +0.289, +0.198, +0.236, +0.298, +0.261 (docs/benchmarks.md, "Tool rollouts");
+# the bound sits below the least.
+GAIN = 0.15
 
 
 def test_a_calculator_run_learns_and_its_episodes_alternate_model_and_tool(tmp_path, ray_cluster):
@@ -27,9 +28,9 @@ def test_a_calculator_run_learns_and_its_episodes_alternate_model_and_tool(tmp_p
     called = [e for e in episodes if len(e["conversation"]) > 1]
     assert len(called) > len(episodes) / 2, "most episodes call the tool"
     for e in called:
-        turns = e["conversation"]
-        assert [t["role"] for t in turns[:2]] == ["assistant", "tool"] and turns[-1]["role"] == "assistant"
+        turns = e["conversation"]  # model and tool in turn (a tool answer last: out of turns or tokens)
+        assert [t["role"] for t in turns] == ["assistant", "tool"] * (len(turns) // 2) + ["assistant"] * (len(turns) % 2)
         for call, answer in zip(turns[0::2], turns[1::2]):
             assert call["content"].endswith(END) and answer["content"] == \
                 f"={evaluate(call['content'].rsplit(CALL, 1)[-1].removesuffix(END))}\n"
-        assert e["completion"] == turns[-1]["content"]  # the reward scored the model's last turn
+        assert e["completion"] == turns[-1 - (len(turns) % 2 == 0)]["content"]  # the reward scores the model's last turn
