@@ -33,7 +33,13 @@ def test_invalid_config_names_the_key(tmp_path):
                           ("learner.optimizer_offload=1.5", "learner.optimizer_offload"),
                           ("learner.freeze=['']", "learner.freeze"),
                           ("weights.kv_after_update=drop", "weights.kv_after_update"),
-                          ("engines.requests_during_swap=later", "engines.requests_during_swap")]:
+                          ("engines.requests_during_swap=later", "engines.requests_during_swap"),
+                          ("weights.kv_gap_requests=-1", "weights.kv_gap_requests"),
+                          ("server.port=70000", "server.port"), ("server.api_key=''", "server.api_key"),
+                          ("server.max_body_bytes=0", "server.max_body_bytes"),
+                          ("rollout.agent=rlloop.agents.calculator:no_such_agent", "rollout.agent"),
+                          ("rollout.demonstration=no_such_module:demo", "rollout.demonstration"),
+                          ("rollout.max_turns=0", "rollout.max_turns")]:
         cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=config-test", override])
         try:
             build_run_config(cfg)
@@ -121,3 +127,14 @@ def test_the_gpu_recipe_is_colocated_and_warms_up_until_samples_earn_reward(tmp_
     with pytest.raises(ConfigError, match="'trainer.sft_check_every'"):
         build_run_config(compose_config(["+conf=grpo_gpu", f"output_dir={tmp_path}", f"model.path={model}",
                                           "trainer.sft_check_every=0"]))
+
+
+def test_no_key_reaches_a_tracker(tmp_path):
+    from rlloop.trackers import hyperparameters
+
+    cfg = compose_config(["+conf=grpo", f"output_dir={tmp_path}", "name=keys", "server.api_key=secret-a",
+                          "server.openai_api_key=secret-b"])
+    run = build_run_config(cfg)
+    flat = hyperparameters(run)
+    assert run.server.api_key == "secret-a" and "server.port" in flat
+    assert not any("secret" in str(v) for v in flat.values()) and "secret" not in repr(run)
