@@ -190,13 +190,15 @@ class Rollouts:
         for e, groups in zip(engines, per_engine):
             idx = [g * group_size + k for g in groups for k in range(group_size)]
             if idx:
-                futures.append((e, idx, self._request(e, [prompts[i] for i in idx], sampling, [seeds[i] for i in idx])))
+                futures.append((e, idx, self._request(e, [prompts[i] for i in idx], sampling, [seeds[i] for i in idx],
+                                                      [problems[i // group_size] for i in idx])))
         return Pending(problems, prompts, sampling, seeds, futures, time.perf_counter())
 
-    def _request(self, engine, prompts, sampling: Sampling, seeds) -> ray.ObjectRef:
-        """One engine's requests: single completions, or rollout.agent's episodes."""
+    def _request(self, engine, prompts, sampling: Sampling, seeds, problems) -> ray.ObjectRef:
+        """One engine's requests: single completions, or rollout.agent's episodes (each
+        agent sees its problem)."""
         if self.cfg.agent:
-            return engine.episodes.remote(prompts, sampling, seeds, self.cfg.agent, self.cfg.max_turns)
+            return engine.episodes.remote(prompts, sampling, seeds, self.cfg.agent, self.cfg.max_turns, problems)
         return engine.generate.remote(prompts, sampling, seeds)
 
     def _gather(self, pending: Pending) -> tuple[list[Generation], float]:
@@ -211,8 +213,9 @@ class Rollouts:
                 # with the same seeds, so no sample is lost. A second failure propagates.
                 self.fleet.recover(e)
                 self.requests_reissued += len(idx)
+                size = len(pending.prompts) // len(pending.problems)
                 out = ray.get(self._request(engine, [pending.prompts[i] for i in idx], pending.sampling,
-                                            [pending.seeds[i] for i in idx]))
+                                            [pending.seeds[i] for i in idx], [pending.problems[i // size] for i in idx]))
             for i, g in zip(idx, out):
                 gens[i] = g
         return gens, time.perf_counter() - pending.started

@@ -174,15 +174,17 @@ class GenerationEngine:
         return list(await asyncio.gather(*(self.generate_one(p, s) for p, s in zip(prompts, per_prompt))))
 
     async def episodes(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int], agent: str,
-                       max_turns: int) -> list[Generation]:
+                       max_turns: int, problems: list | None = None) -> list[Generation]:
         """Multi-turn rollouts: `agent` (module:function, rlloop.agents) runs once per
-        prompt against a token-in/token-out client of this engine; each episode comes
-        back as one Generation whose loss_mask marks the tokens the model sampled."""
+        prompt (and its problem) against a token-in/token-out client of this engine;
+        each episode comes back as one Generation whose loss_mask marks the tokens the
+        model sampled."""
         from rlloop.agents.episode import TurnClient, run_agent
 
         client = TurnClient(self, self._tokenizer())
-        return list(await asyncio.gather(*(run_agent(agent, client, p, replace(sampling, seed=s), max_turns)
-                                           for p, s in zip(prompts, seeds))))
+        problems = problems or [None] * len(prompts)
+        return list(await asyncio.gather(*(run_agent(agent, client, p, replace(sampling, seed=s), max_turns, q)
+                                           for p, s, q in zip(prompts, seeds, problems))))
 
     def _tokenizer(self):
         if getattr(self, "_hf_tokenizer", (None, None))[0] != self.config.model:

@@ -2,9 +2,10 @@
 
 An agent (`rollout.agent=module:function`) is an async function
 `agent(client, episode, sampling, max_turns)` that runs one episode inside the engine
-actor: it asks `client.complete(episode.context(), sampling)` for each model turn,
+actor (`episode.problem` is what it is about): it asks
+`client.complete(episode.context(), sampling)` for each model turn,
 records it with `episode.model(turn)`, and adds what a tool or environment answers
-with `episode.environment(text)`. The next turn's prompt is the previous prompt plus
+with `episode.environment(client.tokens(text), text)`. The next turn's prompt is the previous prompt plus
 exactly the tokens that were sampled and inserted, never a re-tokenised transcript,
 so the learner trains on what the model saw. Environment tokens carry no loss
 (`loss_mask` False) and log-prob 0; the episode's text, which the reward scores, is
@@ -51,8 +52,11 @@ class TurnClient:
 
 
 class Episode:
-    def __init__(self, prompt_ids: list[int], max_tokens: int):
-        self.prompt_ids, self.max_tokens = list(prompt_ids), max_tokens
+    """`problem`: what the prompt asks (rlloop.tasks.problem.Problem: id, prompt,
+    answer), for an environment that needs it; the model sees only the prompt."""
+
+    def __init__(self, prompt_ids: list[int], max_tokens: int, problem=None):
+        self.prompt_ids, self.max_tokens, self.problem = list(prompt_ids), max_tokens, problem
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.loss_mask: list[bool] = []
@@ -90,7 +94,7 @@ class Episode:
 
 
 async def run_agent(agent: str, client: TurnClient, prompt_ids: list[int], sampling: Sampling,
-                    max_turns: int) -> Generation:
-    episode = Episode(prompt_ids, sampling.max_tokens)
+                    max_turns: int, problem=None) -> Generation:
+    episode = Episode(prompt_ids, sampling.max_tokens, problem)
     await import_function(agent, "agent")(client, episode, sampling, max_turns)
     return episode.generation()
