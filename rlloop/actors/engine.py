@@ -96,6 +96,7 @@ class GenerationEngine:
         self._groups: dict[str, frozenset[str]] | None = None  # what loads together (partial plans)
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
         self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
+        self._episode_tokenizer = None  # _tokenizer(): loaded by the first episode on this model
 
     async def ready(self) -> dict:
         return {"pid": os.getpid(), "model": self.config.model, "version": self.counters.version,
@@ -187,11 +188,12 @@ class GenerationEngine:
                                            for p, s, q in zip(prompts, seeds, problems))))
 
     def _tokenizer(self):
-        if getattr(self, "_hf_tokenizer", (None, None))[0] != self.config.model:
+        """The model's tokenizer, for the environment text of episodes (loaded once)."""
+        if self._episode_tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._hf_tokenizer = (self.config.model, AutoTokenizer.from_pretrained(self.config.model))
-        return self._hf_tokenizer[1]
+            self._episode_tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        return self._episode_tokenizer
 
     async def generate_stream(self, prompt: str | list[int], sampling: Sampling | None = None):
         """Yields (new token ids, weight version) as tokens arrive, then the Generation."""
