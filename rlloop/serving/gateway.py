@@ -20,7 +20,7 @@ import asyncio
 import json
 import urllib.request
 
-from rlloop.serving.openai_app import bearer_ok
+from rlloop.serving.openai_app import bearer_ok, send_body, send_json
 
 CONTROL_BODY_BYTES = 64 << 10
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade", b"content-length",
@@ -65,10 +65,10 @@ class Gateway:
             if path.startswith("/control/"):
                 return await self._control(scope, receive, send)
             if path == "/health":
-                return await _json(send, 200, {"engines": len(self.urls)})
+                return await send_json(send, 200, {"engines": len(self.urls)})
             raise BadRequest(404, f"no route {path}")
         except BadRequest as e:
-            await _json(send, e.status, {"error": {"message": str(e), "code": e.status}})
+            await send_json(send, e.status, {"error": {"message": str(e), "code": e.status}})
 
     # --- OpenAI routes ----------------------------------------------------------------
 
@@ -108,11 +108,8 @@ class Gateway:
         body = await _body(receive, CONTROL_BODY_BYTES, dict(scope["headers"]))
         result = await route(body)
         if isinstance(result, str):  # Prometheus' text format
-            data = result.encode()
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/plain; version=0.0.4"), (b"content-length", str(len(data)).encode())]})
-            return await send({"type": "http.response.body", "body": data})
-        await _json(send, 200, result)
+            return await send_body(send, 200, result.encode(), b"text/plain; version=0.0.4")
+        await send_json(send, 200, result)
 
     async def _all(self, method: str, *args):
         return list(await asyncio.gather(*(getattr(e, method).remote(*args) for e in self.engines)))
@@ -206,12 +203,6 @@ async def _body(receive, limit: int, headers: dict) -> bytes:
             raise BadRequest(413, f"body over {limit} bytes")
         if not message.get("more_body"):
             return b"".join(chunks)
-
-
-async def _json(send, status: int, body: dict) -> None:
-    from rlloop.serving.openai_app import send_json
-
-    await send_json(send, status, body)
 
 
 async def _lifespan(receive, send, on_shutdown):

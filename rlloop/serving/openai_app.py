@@ -64,9 +64,13 @@ class Versioned:
 
 
 async def send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
+    await send_body(send, status, json.dumps(body).encode(), b"application/json")
+
+
+async def send_body(send, status: int, data: bytes, content_type: bytes) -> None:
+    """A whole ASGI response: its start, then its one body message."""
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
 
 
