@@ -85,17 +85,22 @@ class Bench:
 
     def use_wire(self, wire: str):
         if self.sender is not None:
-            self.sender.close()
-            ray.get(self.engine.leave_weight_group.remote())
+            self.close()
         backend = "ipc" if wire.startswith("ipc") else wire
         self.sender = form_weight_group([self.engine], [1], backend, self.device, in_place=wire == "ipc")
         self.pusher = UpdatePusher([self.engine], self.sender.shared)
 
-    def push(self, mode=None):
-        self.version += 1
+    def close(self):
+        self.sender.close()
+        ray.get(self.engine.leave_weight_group.remote())
+        self.sender = None
+
+    def push(self, mode=None, kv=None):
+        self.version = self.pusher.version + 1  # the engine's, whichever plan came before
         req = WeightUpdateRequest(self.version, self.plan)
         t0 = time.perf_counter()
-        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(self.plan, self.tensors)), mode=mode)
+        stats, send = self.pusher.push(req, lambda: self.sender.send(req, buckets_of(self.plan, self.tensors)),
+                                       mode=mode, kv=kv)
         return (time.perf_counter() - t0) * 1e3, stats[0], send
 
     def floor_ms(self) -> float | None:
@@ -163,6 +168,45 @@ def throughput(bench: Bench, n_prompts, max_tokens, vocab_hi, update_every) -> d
             "prompts": n_prompts, "max_tokens": max_tokens}
 
 
+def fixed_cost(engine, tensors, schema, wire: str, device, updates: int) -> dict:
+    """An update of a plan with one small tensor (the final norm): what an update costs
+    whatever its size (control plane, engine round trip, the worker's dispatch)."""
+    from rlloop.weights.protocol import make_plan
+
+    small = make_plan([schema["model.norm.weight"]], partial=True)
+    bench = Bench(engine, {"model.norm.weight": tensors["model.norm.weight"]}, small, device)
+    out = bench.measure(wire, updates)
+    bench.close()
+    return {"wire": wire, "bytes": small.total_bytes, **out}
+
+
+def kv_stall(bench: Bench, n_prompts: int, max_tokens: int, vocab_hi: int) -> dict:
+    """`n_prompts` requests in flight, a quarter through their tokens: one batch with no
+    update, one whose update keeps the KV cache, one whose update recomputes it. Per
+    batch its wall time (the re-prefill of `recompute` is paid in the steps after the
+    update) and the update's stall, requests in flight and tokens recomputed."""
+    out = {}
+    for kv in ("none", "keep", "recompute"):
+        t0 = time.perf_counter()
+        fut = generate_load(bench.engine, n_prompts, max_tokens, vocab_hi, seed=2)
+        while True:
+            s = ray.get(bench.engine.stats.remote())
+            if s["in_flight"] == n_prompts and s["kv_tokens"] >= n_prompts * (16 + max_tokens // 4):
+                break
+            time.sleep(0.005)
+        row = {}
+        if kv != "none":
+            ms, st, _ = bench.push(kv=kv)
+            row = {"update_ms": ms, "stall_ms": st.pause_ms, "in_flight": st.in_flight,
+                   "recomputed_requests": st.recomputed_requests, "recomputed_tokens": st.recomputed_tokens}
+        gens = ray.get(fut)
+        out[kv] = {"batch_s": time.perf_counter() - t0, **row,
+                   "complete": len(gens) == n_prompts and all(len(g.token_ids) == max_tokens for g in gens)}
+    out["recompute_cost_s"] = out["recompute"]["batch_s"] - out["keep"]["batch_s"]
+    print(f"kv stall: {json.dumps(out)}", flush=True)
+    return out
+
+
 def sleep_wake(bench: Bench, probe, greedy, want) -> dict:
     """Sleep at levels 1 and 2, wake, update: memory released, wake time, and the
     engine still decodes the reference after a level-2 sleep plus a full update."""
@@ -218,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--update-every", type=float, default=1.0)
+    ap.add_argument("--kv-prompts", type=int, default=256, help="requests in flight for the keep/recompute stall")
     ap.add_argument("--gpu-mem", type=float, default=0.3, help="engine's GPU memory fraction")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs / compile (fast start)")
     ap.add_argument("--no-native", action="store_true", help="skip vLLM's own IPC engine")
@@ -251,6 +296,7 @@ def main(argv=None):
     tied = bool(getattr(AutoConfig.from_pretrained(path), "tie_word_embeddings", False))
     tensors = tie(random_weights(schema, device, seed=1), tied)
     plan = make_plan(list(schema.values()), bucket_bytes=int(bucket_mb * 2**20))
+    fixed = fixed_cost(engine, tensors, schema, wires[0], device, args.updates)
     bench = Bench(engine, tensors, plan, device)
     per_wire = {}
     for wire in reversed(wires):  # the first wire last: it stays formed for the checks below
@@ -282,6 +328,8 @@ def main(argv=None):
         "wires": per_wire, "outputs_match_reference": got == want,
         "throughput_wire": wires[0],
         **throughput(bench, n_prompts, max_tokens, vocab_hi, args.update_every),
+        "fixed_cost": fixed,
+        "kv_stall": kv_stall(bench, args.kv_prompts, max_tokens, vocab_hi),
         "versions": {"vllm": __import__("vllm").__version__, "torch": torch.__version__, "ray": ray.__version__},
         "eager": cfg.enforce_eager,
     }

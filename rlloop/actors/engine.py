@@ -277,30 +277,37 @@ class GenerationEngine:
             if (request.plan.key, mode) not in self._prepared:
                 await self.prepare_update(request, mode)
             t0 = time.perf_counter()
-            # What AsyncLLM.pause_generation(mode="keep", clear_cache=False) does, minus
-            # the fixed 20 ms sleep it ends with (vLLM 0.26 and 0.32), which its own
-            # comment says correctness does not need: with "keep" no request finishes
-            # here, so the stall is the transfer, not a timer.
-            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            recompute = kv == "recompute"
+            if recompute:
+                # What AsyncLLM.pause_generation(mode="keep", clear_cache=False) does, minus
+                # the fixed 20 ms sleep it ends with (vLLM 0.26 and 0.32), which its own
+                # comment says correctness does not need.
+                await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            # With kv="keep" nothing pauses: the engine core runs a utility call between
+            # two engine steps (EngineCore._process_input_queue), so the copy lands after
+            # the step before it and before the next, and the stall is the workers' copy
+            # alone, not three round trips to the core (pause, receive, resume). A step
+            # already on the device (async scheduling) is ordered before the copy by its
+            # stream. The workers hold the plan: only its key and the version cross.
             t1 = time.perf_counter()
             try:
-                # The workers hold the plan: only its key and the version cross.
                 results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
                 self.counters.version = request.version
                 landed_in = len(self._tokens)
                 gap = self.kv_gap.update_landed(request.version, {r: g for r, (_, g) in self._tokens.items()})
-                recomputed = {r: p + g for r, (p, g) in self._tokens.items()} if kv == "recompute" else {}
+                recomputed = {r: p + g for r, (p, g) in self._tokens.items()} if recompute else {}
                 if recomputed:  # running requests go back to the waiting queue, KV freed
                     await self.llm.reset_prefix_cache(reset_running_requests=True)
             finally:
-                if not self._held:  # a pause asked for stays until resume()
+                if recompute and not self._held:  # a pause asked for stays until resume()
                     await self.llm.resume_generation()
             t2 = time.perf_counter()
             nbytes = request.plan.total_bytes
             receive_ms = max(r["worker_ms"] for r in results)
+            stall_ms = (t2 - t1) * 1e3 if recompute else receive_ms
             stats = UpdateStats(
                 version=request.version, mode=results[0]["mode"], bytes=nbytes,
-                pause_ms=(t2 - t1) * 1e3, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
+                pause_ms=stall_ms, receive_ms=receive_ms, total_ms=(t2 - t0) * 1e3,
                 gbps=nbytes / (receive_ms * 1e-3) / 1e9 if receive_ms > 0 else 0.0, in_flight=landed_in, kv=kv,
                 recomputed_requests=len(recomputed), recomputed_tokens=sum(recomputed.values()),
                 kv_gap_tokens=gap["tokens"], kv_gap_mean=gap["mean"], kv_gap_max=gap["max"])

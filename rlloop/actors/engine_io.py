@@ -68,7 +68,7 @@ class UpdateStats:
     version: int
     mode: str
     bytes: int
-    pause_ms: float  # generation stall: pause .. resume
+    pause_ms: float  # generation stall: the workers' receive (keep), or pause .. resume (recompute)
     receive_ms: float  # receive + load on the workers (slowest worker)
     total_ms: float
     gbps: float
