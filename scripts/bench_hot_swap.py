@@ -2,7 +2,8 @@
 place, against a cold start of a new engine actor on the same model, in one run.
 
 - cold_start_s:  a new engine actor until it is ready (Ray actor, imports, vLLM start),
-                 per model, each on an otherwise empty GPU.
+                 per model, each on an otherwise empty GPU (the first model's is the
+                 start of the actor that then swaps).
 - swaps:         --swaps swaps in one actor, alternating the models; per swap the
                  release (old engine core gone) and load times, and the free GPU memory
                  (NVML, this process opens no CUDA context) before, after the release
@@ -53,18 +54,21 @@ def complete(gens, n: int = 8, max_tokens: int = 32) -> bool:
     return len(gens) == n and all(len(g.token_ids) == max_tokens for g in gens)
 
 
-def cold_start(config: EngineConfig) -> dict:
+def cold_start(config: EngineConfig, keep: bool = False) -> tuple[object, dict]:
+    """A new engine actor on `config.model` until it serves; returns it (`keep`) or
+    shuts it down."""
     free_before = gpu_free_bytes()
     t0 = time.perf_counter()
-    engine = engine_actor(config, name=f"bench/cold/{os.path.basename(config.model)}")
+    engine = engine_actor(config, name=f"bench/engine/{time.monotonic_ns()}")
     ray.get(engine.ready.remote())
     out = {"cold_start_s": time.perf_counter() - t0, "gpu_free_before": free_before,
            "gpu_free_after": gpu_free_bytes(), "requests_complete": complete(ray.get(requests(engine)))}
-    ray.get(engine.shutdown.remote())
-    ray.kill(engine)
-    time.sleep(1.0)  # the engine core's process exits after its actor
     print(f"cold start {os.path.basename(config.model)}: {json.dumps(out)}", flush=True)
-    return out
+    if not keep:
+        ray.get(engine.shutdown.remote())
+        ray.kill(engine)
+        engine = None
+    return engine, out
 
 
 def main(argv=None):
@@ -84,11 +88,8 @@ def main(argv=None):
                         max_model_len=1024, max_num_seqs=64, enforce_eager=True)
     result = {"models": args.models, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
               "gpu_memory_utilization": args.gpu_mem, "environment": environment(("vllm", "torch", "ray", "transformers")),
-              "cold": {m: cold_start(replace(base, model=p))
-                       for m, p in zip(args.models, paths)}}
-
-    engine = engine_actor(base, name="bench/swap/0")
-    ray.get(engine.ready.remote())
+              "cold": {}}
+    engine, result["cold"][args.models[0]] = cold_start(base, keep=True)  # the actor that swaps
     swaps = []
     for i in range(args.swaps):
         target = (i + 1) % 2
@@ -104,6 +105,10 @@ def main(argv=None):
         swaps.append(record)
         print(f"swap {i} -> {args.models[target]}: {json.dumps(record)}", flush=True)
     ray.get(engine.shutdown.remote())
+    ray.kill(engine)
+    time.sleep(1.0)  # the engine core's process exits after its actor
+    if args.models[1] not in result["cold"]:
+        result["cold"][args.models[1]] = cold_start(replace(base, model=paths[1]))[1]
 
     result["swaps"] = swaps
     for i, m in enumerate(args.models):
