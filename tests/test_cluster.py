@@ -1,7 +1,7 @@
 """A run on a Ray cluster of several nodes (simulated on this machine with
 ray.cluster_utils.Cluster: each node its own raylet, with its own custom resources):
-roles pinned to nodes, an engine node lost mid-run, and a run that asks for more than
-the cluster has."""
+roles pinned to nodes, the learner's and the engines' nodes lost mid-run, and a run
+that asks for more than the cluster has."""
 import json
 import os
 import subprocess
@@ -35,38 +35,42 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_run_across_nodes_keeps_its_placement_and_survives_losing_the_engine_node(tmp_path):
-    """Learner on the head node, both engines on node B; once 10 steps are done node C
-    joins and node B is lost: the engines restart on C, rejoin the weight group on the
-    current version, and every step keeps its full batch."""
+def test_a_run_across_nodes_keeps_its_placement_and_survives_losing_its_nodes(tmp_path):
+    """The learner on node A, both engines on node B (the head node holds the driver and
+    the coordinator); once 10 steps are done node C joins, able to hold either role,
+    and nodes A and B are lost: the engines restart on C and rejoin the weight group on
+    the current version, the learner restarts on C from its last checkpoint, and every
+    step keeps its full batch."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"learner_node": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     out = tmp_path / "run"
     proc = None
     try:
+        node_a = cluster.add_node(num_cpus=1, resources={"learner_node": 1})
         node_b = cluster.add_node(num_cpus=1, resources={"engine_node": 1})
         cluster.wait_for_nodes()
         with open(tmp_path / "run.log", "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rlloop.train", "+conf=grpo", f"output_dir={out}", "name=two-nodes", "seed=0",
                  f"ray.address={cluster.address}", "engines.count=2", "engines.node_resource=engine_node",
-                 "learner.node_resource=learner_node", "trainer.steps=80", "weights.timeout_s=60"],
+                 "learner.node_resource=learner_node", "trainer.steps=80", "trainer.checkpoint_every=5",
+                 "weights.timeout_s=60"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
             deadline = time.time() + 600
             while len(_rows(out / "metrics.jsonl")) < 10 and proc.poll() is None and time.time() < deadline:
                 time.sleep(1)
-            node_c = cluster.add_node(num_cpus=1, resources={"engine_node": 1})
+            node_c = cluster.add_node(num_cpus=1, resources={"engine_node": 1, "learner_node": 1})
             cluster.wait_for_nodes()
             cluster.remove_node(node_b)
+            cluster.remove_node(node_a)
             proc.wait(timeout=900)
         assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         rows = _rows(out / "metrics.jsonl")
-        assert summary["steps"] == 80 and summary["failures"] >= 1, summary
+        assert summary["steps"] == 80 and summary["failures"] >= 1 and summary["learner_restores"] >= 1, summary
         placement = summary["placement"]  # where each actor was at the end
-        assert placement["learner/0"] == cluster.head_node.node_id
-        assert placement["engine/0"] == placement["engine/1"] == node_c.node_id, placement
+        assert placement["learner/0"] == placement["engine/0"] == placement["engine/1"] == node_c.node_id, placement
         assert all(r["generated"] == 32 * 8 for r in rows), "every step keeps its full batch"
         assert [r["weight_version"] for r in rows] == sorted(r["weight_version"] for r in rows)
         rewards = [r["reward_mean"] for r in rows]

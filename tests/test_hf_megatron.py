@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlloop.learner.hf_megatron import (UnsupportedModel, arch_from_hf, check_tp, hf_shapes, to_hf,
-                                        to_megatron, units)
+                                        to_hf_shard, to_megatron, units)
+from rlloop.weights.protocol import shard_shape, tp_dim
 
 
 def _config(family: str):
@@ -46,6 +47,27 @@ def test_round_trip_is_bit_exact(family, tp):
             assert torch.equal(t, hf[name]), name
         covered |= set(back)
     assert covered == set(hf)  # every tensor of the HF state dict, tied alias included
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_rank_converts_its_own_shard_to_the_slices_vllm_holds(family, tp):
+    """What a TP rank sends in a sharded update is, for every tensor TP splits, the
+    rank's equal chunk of the HF tensor along that dimension (how vLLM shards it), and
+    every other tensor whole; no other rank's shard is needed."""
+    config = _config(family)
+    arch = arch_from_hf(config)
+    hf = _hf_state(config)
+    for u in units(arch):
+        if u.kind == "vocab":
+            continue  # travels whole (gathered)
+        for r in range(tp):
+            mine = to_hf_shard(u, arch, to_megatron(u, arch, hf, r, tp), tp)
+            for name, t in mine.items():
+                dim = tp_dim(name)
+                want = hf[name] if dim is None else hf[name].chunk(tp, dim=dim)[r]
+                assert torch.equal(t, want), (name, r)
+                assert tuple(t.shape) == shard_shape(name, tuple(hf[name].shape), tp)
 
 
 def test_fused_layouts_follow_megatron():

@@ -172,17 +172,11 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
         assert stats[0].version == 1 and send["bytes"] == plan.total_bytes
 
         learner.save(str(tmp_path / "exported"))
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tiny_model)
-        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
         gens = ray.get(engine.generate.remote(probe_prompts, greedy))
-        for prompt, g in zip(probe_prompts, gens):
-            ids = tok(prompt, return_tensors="pt").input_ids
-            with torch.no_grad():
-                want = ref.generate(ids, max_new_tokens=greedy.max_tokens, do_sample=False,
-                                    eos_token_id=None, pad_token_id=1)[0, ids.shape[1]:].tolist()
-            assert g.token_ids == want, prompt
+        assert [g.token_ids for g in gens] == _transformers_greedy(tmp_path / "exported", tok, probe_prompts, greedy)
 
         sampling = Sampling(max_tokens=16, temperature=1.0, ignore_eos=True, seed=7)
         sampled = ray.get(engine.generate.remote(probe_prompts * 4, sampling))
@@ -194,6 +188,85 @@ def test_tp2_export_reaches_an_engine_and_agrees_with_it(trained_tp2, tiny_model
         assert diff.max().item() < ENGINE_LOGPROB_ATOL
         ray.get(learner.leave_weight_group())
         ray.get(engine.leave_weight_group.remote())
+    finally:
+        ray.get(engine.shutdown.remote())
+        ray.kill(engine)
+
+
+def _transformers_greedy(path, tok, prompts: list[str], greedy: Sampling) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out.append(ref.generate(ids, max_new_tokens=greedy.max_tokens, do_sample=False, eos_token_id=None,
+                                    pad_token_id=1)[0, ids.shape[1]:].tolist())
+    return out
+
+
+def test_tp2_learner_ranks_send_their_own_shards_to_a_tp2_engine_in_flight(trained_tp2, tiny_model, tmp_path,
+                                                                           greedy, probe_prompts):
+    """Learner TP = engine TP = 2 on one host, on the shared-memory twin of the ipc
+    wire: each learner TP rank shares its own shards (no gather to rank 0) and engine
+    worker w copies those of rank w. The update lands while 16 requests generate, none
+    is dropped; the engine then decodes as transformers does with the learner's
+    weights. A request of another TP size is refused and changes nothing."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from rlloop.weights.protocol import WeightUpdateError
+    from rlloop.weights.shared import mailbox_name
+
+    learner, _ = trained_tp2
+    engine = engine_actor(EngineConfig(model=tiny_model, tensor_parallel_size=2, gpu_memory_utilization=0.05,
+                                       max_model_len=512), name="mcore-shards/engine/0")
+    try:
+        ray.get(engine.ready.remote())
+        group = weight_group_config([2], "shm", timeout_s=60, senders=2)
+        ray.get([*learner.join_weight_group(group), *join_engines([engine], [2], group)], timeout=90)
+        plan = learner.weight_plan(64 << 10)
+        full = {p.name: p for p in learner.apply(lambda rank: rank.hf_params)}
+        shapes = {p.name: p.shape for p in plan.params}
+        q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+        assert shapes[q] == (full[q].shape[0] // 2, full[q].shape[1])
+        assert shapes[o] == (full[o].shape[0], full[o].shape[1] // 2)
+        assert shapes["model.embed_tokens.weight"] == full["model.embed_tokens.weight"].shape  # whole
+        assert plan.total_bytes < sum(p.nbytes for p in full.values())
+
+        n, max_tokens = 16, 400
+        load = engine.generate.remote([f"{i}+{i}=" for i in range(n)],
+                                      Sampling(max_tokens=max_tokens, temperature=1.0, ignore_eos=True, seed=None))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            s = ray.get(engine.stats.remote())
+            if s["in_flight"] == n and s["kv_tokens"] >= n * 16:
+                break
+            time.sleep(0.02)
+        pusher = UpdatePusher([engine], shared=True)
+        req = WeightUpdateRequest(1, plan, tp_size=2)
+        stats, send = pusher.push(req, lambda: learner.send_weights(req.ticket()))
+        assert stats[0].version == 1 and stats[0].in_flight == n and send["bytes"] == plan.total_bytes
+        assert Path("/dev/shm", mailbox_name(group.token, plan.key, 1)).exists(), "rank 1 shares its own shards"
+        gens = ray.get(load, timeout=300)
+        assert all(len(g.token_ids) == max_tokens and g.finish_reason == "length" for g in gens)
+        assert any(g.version_start == 0 and g.version_end == 1 for g in gens)
+
+        learner.save(str(tmp_path / "exported"))
+        want = _transformers_greedy(tmp_path / "exported", AutoTokenizer.from_pretrained(tiny_model),
+                                    probe_prompts, greedy)
+        assert [g.token_ids for g in ray.get(engine.generate.remote(probe_prompts, greedy))] == want
+
+        for bad in (WeightUpdateRequest(2, plan), WeightUpdateRequest(2, plan).ticket()):  # shards sent as whole
+            with pytest.raises(WeightUpdateError, match="rejected"):
+                ray.get(engine.update_weights.remote(bad))
+        assert ray.get(engine.version.remote()) == 1
+        assert [g.token_ids for g in ray.get(engine.generate.remote(probe_prompts, greedy))] == want
+        ray.get(learner.leave_weight_group(group.token, plan.key))
+        ray.get(engine.leave_weight_group.remote())
+        assert not list(Path("/dev/shm").glob(f"rlloop-{group.token}-*")), "every rank's region is released"
     finally:
         ray.get(engine.shutdown.remote())
         ray.kill(engine)

@@ -4,7 +4,8 @@ import pickle
 import pytest
 
 from rlloop.weights.protocol import (ALIGN_BYTES, ParameterInfo, UpdatePlan, WeightUpdateError,
-                                     WeightUpdateRequest, load_groups, make_plan, resolve, validate_request)
+                                     WeightUpdateRequest, load_groups, make_plan, resolve, shard_shape, tp_dim,
+                                     validate_request)
 
 
 def _params():
@@ -51,6 +52,8 @@ def test_validation_names_every_kind_of_problem():
         validate_request(WeightUpdateRequest(2, good), schema, current_version=2)
     with pytest.raises(WeightUpdateError, match="tp_size"):
         validate_request(WeightUpdateRequest(3, good, tp_rank=1, tp_size=2), schema, current_version=2)
+    with pytest.raises(WeightUpdateError, match="tp_size"):
+        validate_request(WeightUpdateRequest(3, good, tp_rank=2, tp_size=2), schema, current_version=2, tp_size=2)
     bad = _params()
     bad[0] = ParameterInfo("w0", (9, 9), "float32")
     bad[1] = ParameterInfo("w1", (2, 7), "float16")
@@ -60,6 +63,28 @@ def test_validation_names_every_kind_of_problem():
     msg = str(e.value)
     assert "w0: shape" in msg and "w1: dtype" in msg and "unknown parameter 'nope'" in msg
     assert "missing 1 parameter" in msg
+
+
+def test_a_sharded_request_carries_each_rank_s_shards_of_what_tp_splits():
+    """TP=2 shards: q/k/v/gate/up halve their rows, o/down their columns; norms, biases
+    of row-parallel layers and the vocabulary stay whole. Full shapes, shards of another
+    TP size or shapes that do not split are refused by name."""
+    full = {"model.embed_tokens.weight": (10, 8), "model.norm.weight": (8,),
+            "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.q_proj.bias": (8,),
+            "model.layers.0.self_attn.o_proj.weight": (8, 8), "model.layers.0.mlp.down_proj.weight": (8, 6),
+            "model.layers.0.mlp.gate_proj.weight": (6, 8)}
+    schema = {n: ParameterInfo(n, s, "float32") for n, s in full.items()}
+    assert [shard_shape(n, s, 2) for n, s in full.items()] == [(10, 8), (8,), (4, 8), (4,), (8, 4), (8, 3), (3, 8)]
+    assert tp_dim("model.layers.0.self_attn.o_proj.bias") is None
+    shards = make_plan([ParameterInfo(n, shard_shape(n, s, 2), "float32") for n, s in full.items()])
+    for rank in range(2):
+        validate_request(WeightUpdateRequest(1, shards, rank, 2), schema, current_version=0, tp_size=2)
+    with pytest.raises(WeightUpdateError, match="TP size, 2"):
+        validate_request(WeightUpdateRequest(1, shards, 0, 4), schema, current_version=0, tp_size=2)
+    with pytest.raises(WeightUpdateError, match=r"q_proj.weight: shape \(8, 8\) != model's TP-2 shard \(4, 8\)"):
+        validate_request(WeightUpdateRequest(1, make_plan(list(schema.values())), 0, 2), schema, 0, tp_size=2)
+    with pytest.raises(WeightUpdateError, match="does not split over 4"):
+        validate_request(WeightUpdateRequest(1, shards, 0, 4), schema, current_version=0, tp_size=4)
 
 
 def _layer_schema():

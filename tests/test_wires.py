@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlloop.actors.weight_sync import auto_backend
+from rlloop.actors.weight_sync import auto_backend, per_rank_senders
 from rlloop.weights.group import WeightGroupConfig
 from rlloop.weights.protocol import ParameterInfo, WeightUpdateError, make_plan
 from rlloop.weights.sender import WeightSender
@@ -21,6 +21,19 @@ def test_auto_backend_follows_placement():
     assert auto_backend(gpu0, [gpu0]) == "ipc"
     assert auto_backend(gpu0, [gpu0, {"node": "a", "gpus": [1]}]) == "nccl"
     assert auto_backend(gpu0, [{"node": "b", "gpus": [0]}]) == "nccl"
+
+
+def test_learner_tp_ranks_send_their_own_shards_only_where_each_shares_its_worker_s_host_or_gpu():
+    cpu = {"node": "a", "gpus": []}
+    assert per_rank_senders("shm", 2, [cpu, cpu], 2, [cpu, cpu]) == 2
+    assert per_rank_senders("shm", 2, [cpu, cpu, cpu, cpu], 2, [cpu]) == 2  # DP=2: DP rank 0's ranks send
+    assert per_rank_senders("shm", 2, [cpu, cpu], 1, [cpu]) == 1  # engine TP differs: gathered
+    assert per_rank_senders("shm", 2, [cpu, {"node": "b", "gpus": []}], 2, [cpu]) == 1
+    assert per_rank_senders("gloo", 2, [cpu, cpu], 2, [cpu]) == 1  # a broadcast wire has one sender
+    assert per_rank_senders("shm", 1, [cpu], 1, [cpu]) == 1
+    r0, r1 = {"node": "a", "gpus": [0]}, {"node": "a", "gpus": [1]}
+    assert per_rank_senders("ipc", 2, [r0, r1], 2, [{"node": "a", "gpus": [0, 1]}] * 2) == 2
+    assert per_rank_senders("ipc", 2, [r0, r1], 2, [{"node": "a", "gpus": [2, 3]}]) == 1
 
 
 _opened: dict[str, OpenedRegion] = {}

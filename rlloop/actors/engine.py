@@ -69,6 +69,10 @@ class GenerationEngine:
             # still runs the core in its own process, which then holds the worker, as
             # a TP=1 engine on a GPU does.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        elif on_cpu:
+            # vLLM binds each CPU worker's threads to a NUMA node of its own and refuses
+            # TP > 1 on a host with fewer nodes (most machines: one); share the cores.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         args = AsyncEngineArgs(
             model=config.model, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
@@ -95,7 +99,8 @@ class GenerationEngine:
         self._shared_wire = False
         self._groups: dict[str, frozenset[str]] | None = None  # what loads together (partial plans)
         self._plans: dict[str, UpdatePlan] = {}  # plans validated here, by key
-        self._prepared: dict[tuple[str, str], str] = {}  # (plan key, mode) -> the workers' receive mode
+        # (plan key, mode, TP size of its senders: 1, or sharded) -> the workers' receive mode
+        self._prepared: dict[tuple[str, str, int], str] = {}
         self._episode_tokenizer = None  # _tokenizer(): loaded by the first episode on this model
 
     async def ready(self) -> dict:
@@ -235,8 +240,9 @@ class GenerationEngine:
             self._groups = load_groups(self.schema, packed, tied)
         try:
             request = resolve(update, self._plans)
-            if update is request or (request.plan.key, mode) not in self._prepared:
-                validate_request(request, self.schema, self.counters.version, self._groups)
+            if update is request or _prepared_key(request, mode) not in self._prepared:
+                validate_request(request, self.schema, self.counters.version, self._groups,
+                                 self.config.tensor_parallel_size)
             else:
                 check_version(request.version, self.counters.version)
         except WeightUpdateError:
@@ -251,7 +257,7 @@ class GenerationEngine:
         receive mode for this plan."""
         mode = mode or self.config.receive_mode
         await self._admit(request, mode)
-        key = (request.plan.key, mode)
+        key = _prepared_key(request, mode)
         if key not in self._prepared:  # workers keep per-plan state: one RPC per plan
             modes = await self.llm.collective_rpc("rl_prepare", args=(pack(request), mode))
             if self._shared_wire:  # the workers hold one plan's region (the sender's), as here
@@ -274,7 +280,7 @@ class GenerationEngine:
             raise ValueError(f"kv_after_update must be one of {KV_AFTER_UPDATE}, got {kv!r}")
         async with self._update_lock:
             request = await self._admit(update, mode)
-            if (request.plan.key, mode) not in self._prepared:
+            if _prepared_key(request, mode) not in self._prepared:
                 await self.prepare_update(request, mode)
             t0 = time.perf_counter()
             recompute = kv == "recompute"
@@ -291,7 +297,8 @@ class GenerationEngine:
             # stream. The workers hold the plan: only its key and the version cross.
             t1 = time.perf_counter()
             try:
-                results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode))
+                results = await self.llm.collective_rpc("rl_receive", args=(request.plan.key, request.version, mode),
+                                                        kwargs={"tp_size": request.tp_size})
                 self.counters.version = request.version
                 landed_in = len(self._tokens)
                 gap = self.kv_gap.update_landed(request.version, {r: g for r, (_, g) in self._tokens.items()})
@@ -474,6 +481,10 @@ class _Tracked:
 
     def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         return self._engine.tracked_generate(prompt, sampling_params, request_id, *args, **kwargs)
+
+
+def _prepared_key(request: WeightUpdateRequest, mode: str) -> tuple[str, str, int]:
+    return request.plan.key, mode, request.tp_size
 
 
 def _token_logprobs(completion) -> list[float]:

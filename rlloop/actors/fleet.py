@@ -18,7 +18,8 @@ from rlloop.actors.engine import engine_actor, engine_gpus
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
 from rlloop.actors.placement import check_capacity
-from rlloop.actors.weight_sync import UpdatePusher, auto_backend, join_engines, weight_group_config
+from rlloop.actors.weight_sync import (UpdatePusher, auto_backend, join_engines, per_rank_senders,
+                                       weight_group_config)
 from rlloop.learner.policy import Sample
 from rlloop.run_config import RunConfig
 from rlloop.weights.group import WeightGroupTimeout
@@ -48,7 +49,6 @@ class Fleet:
             self.learner_pids = self.learner.wait_ready(time.time() + max(cfg.weights.timeout_s, 600))
             ray.get([e.ready.remote() for e in self.engines])
             self._form_group()
-            self.plan = self.learner.weight_plan(self._bucket_bytes)
             print(f"[rlloop] {cfg.name} placement (node ids): {self.nodes()}", flush=True)
         except BaseException:
             self.kill()  # nothing of a run that did not start stays behind
@@ -107,7 +107,13 @@ class Fleet:
     def save(self, path: Path) -> None:
         """The learner's weights (an HF directory) and optimizer; a restarted learner
         comes back from the last one saved."""
-        self.learner.save(str(path))
+        try:
+            self.learner.save(str(path))
+        except ACTOR_TROUBLE as e:
+            # A rank died since the last step: the learner comes back on its last checkpoint
+            # (recover), and that state is what this checkpoint then holds.
+            self.recover(e)
+            self.learner.save(str(path))
         self.last_checkpoint = path
 
     def load_optimizer(self, path: str) -> int:
@@ -116,14 +122,22 @@ class Fleet:
     # --- the weight group -------------------------------------------------------------
 
     def _form_group(self) -> None:
+        """Form the weight group and take the learner's plan for it (a new incarnation of
+        the learner computes the same one again, same key, to resolve later tickets)."""
         cfg = self.cfg
+        engines = ray.get([e.ready.remote() for e in self.engines])
+        ranks = self.learner.placements()
         self.wire = cfg.weights.backend
         if self.wire == "auto":
-            self.wire = auto_backend(self.learner.placement(), ray.get([e.ready.remote() for e in self.engines]))
-        tp = [cfg.engines.engine.tensor_parallel_size] * len(self.engines)
+            self.wire = auto_backend(ranks[0], engines)
+        engine_tp = cfg.engines.engine.tensor_parallel_size
+        tp = [engine_tp] * len(self.engines)
+        learner_tp = cfg.learner.tensor_parallel_size if cfg.learner.backend == "megatron" else 1
+        senders = per_rank_senders(self.wire, learner_tp, ranks, engine_tp, engines)
         # The sender (learner rank 0) serves the rendezvous, at its node's address.
         host, port = self.learner.ranks.rendezvous()
-        self.group = weight_group_config(tp, self.wire, host=host, port=port, timeout_s=cfg.weights.timeout_s)
+        self.group = weight_group_config(tp, self.wire, host=host, port=port, timeout_s=cfg.weights.timeout_s,
+                                         senders=senders)
         members = {**{f"learner/{r}": ref for r, ref in enumerate(self.learner.join_weight_group(self.group))},
                    **{f"engine/{i}": ref for i, ref in enumerate(join_engines(self.engines, tp, self.group))}}
         _, pending = ray.wait(list(members.values()), num_returns=len(members), timeout=cfg.weights.timeout_s)
@@ -133,10 +147,12 @@ class Fleet:
                                      f"within weights.timeout_s={cfg.weights.timeout_s:g}")
         ray.get(list(members.values()))  # a member that failed to join raises its own error
         self.pusher = UpdatePusher(self.engines, shared=self.wire in SHARED_WIRES)
+        self.plan = self.learner.weight_plan(self._bucket_bytes)
 
     def _send(self) -> dict:
         self.version += 1
-        req = WeightUpdateRequest(self.version, self.plan)
+        # Sharded (each learner TP rank sends its own shard): the engines get rank 0's request.
+        req = WeightUpdateRequest(self.version, self.plan, tp_size=self.group.senders)
         # The learner computed the plan: it gets the ticket, never the plan.
         stats, send = self.pusher.push(req, lambda: self.learner.send_weights(req.ticket()))
         measured = sum(s.kv_gap_tokens for s in stats)
@@ -175,9 +191,6 @@ class Fleet:
             wait_ready(e, deadline)
         if pids != self.learner_pids:
             self.learner_pids = pids
-            # A new incarnation holds no plan: it computes the same one again (same key),
-            # so that it can resolve the tickets of later updates.
-            self.plan = self.learner.weight_plan(self._bucket_bytes)
             if self.last_checkpoint is not None:
                 self.restored_learner_steps = self.learner.load_checkpoint(str(self.last_checkpoint))
         ray.get(self.learner.leave_weight_group(self.group.token, self.plan.key))

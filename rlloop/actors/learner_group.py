@@ -107,9 +107,13 @@ class LearnerGroup:
             ray.kill(actor, no_restart=False)
         return self.wait_ready(deadline)
 
+    def placements(self) -> list[dict]:
+        """Each rank's node and GPUs (weight_sync.placement), in rank order."""
+        return ray.get([a.placement.remote() for a in self.actors])
+
     def nodes(self) -> list[str]:
         """Each rank's node id."""
-        return [p["node"] for p in ray.get([a.placement.remote() for a in self.actors])]
+        return [p["node"] for p in self.placements()]
 
     def kill(self) -> None:
         """End every rank and free their placement on the cluster."""

@@ -14,14 +14,15 @@ import ray
 from rlloop.weights.group import WeightGroupConfig, free_port
 from rlloop.weights.protocol import WeightUpdateRequest, check_version
 from rlloop.weights.sender import WeightSender
+from rlloop.weights.shared import SHARED_WIRES
 
 
 def weight_group_config(tp_sizes: Sequence[int], backend: str, host: str | None = None,
-                        timeout_s: float = 120.0, port: int | None = None) -> WeightGroupConfig:
+                        timeout_s: float = 120.0, port: int | None = None, senders: int = 1) -> WeightGroupConfig:
     """Sender = rank 0, at `host:port` (default: this node, a free port); engine e's
-    workers follow those of engines < e."""
+    workers follow those of engines < e. `senders`: see WeightGroupConfig."""
     host = host or ray.util.get_node_ip_address()
-    return WeightGroupConfig(host, port or free_port(host), 1 + sum(tp_sizes), backend, timeout_s)
+    return WeightGroupConfig(host, port or free_port(host), 1 + sum(tp_sizes), backend, timeout_s, senders)
 
 
 def join_engines(engines: Sequence, tp_sizes: Sequence[int], cfg: WeightGroupConfig) -> list:
@@ -96,6 +97,23 @@ def placement() -> dict:
     """Where the calling Ray actor runs: its node and the GPUs Ray gave it."""
     ctx = ray.get_runtime_context()
     return {"node": ctx.get_node_id(), "gpus": sorted(int(g) for g in ray.get_gpu_ids())}
+
+
+def per_rank_senders(wire: str, learner_tp: int, ranks: Sequence[dict], engine_tp: int,
+                     engines: Sequence[dict]) -> int:
+    """How many learner TP ranks send (WeightGroupConfig.senders): every one, each its own
+    shard, when the wire is shared, every engine has the learner's TP size and learner
+    rank r shares worker r's host (shm) or GPU (ipc); else 1, rank 0 with the gathered
+    tensors. `ranks`: the learner ranks' placements (DP rank 0's TP ranks come first)."""
+    if wire not in SHARED_WIRES or learner_tp == 1 or engine_tp != learner_tp:
+        return 1
+    tp_ranks = ranks[:learner_tp]
+    if wire == "shm":
+        together = all(e["node"] == r["node"] for e in engines for r in tp_ranks)
+    else:
+        together = all(e["node"] == tp_ranks[0]["node"] and e["gpus"] == [g for r in tp_ranks for g in r["gpus"]]
+                       for e in engines)
+    return learner_tp if together else 1
 
 
 def auto_backend(sender: dict, engines: Sequence[dict]) -> str:

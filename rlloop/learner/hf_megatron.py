@@ -17,7 +17,7 @@ group), so the round trip is checked without one; the learner gathers the shards
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -164,6 +164,18 @@ def to_hf(unit: Unit, arch: Arch, shards: list[torch.Tensor]) -> dict[str, torch
     else:
         raise AssertionError(unit.kind)
     return {n: x.contiguous() for n, x in zip(unit.hf, full)}
+
+
+def to_hf_shard(unit: Unit, arch: Arch, shard: torch.Tensor, tp_size: int) -> dict[str, torch.Tensor]:
+    """One TP rank's shard of `unit` as HF tensors split the way vLLM splits them over
+    the same TP size (q/k/v and gate/up rows, o/down columns; norms whole): what that
+    rank sends in a sharded update. A rank holds its query groups whole, so its shard
+    converts as the whole unit of a model with 1/tp_size of the heads. Vocabulary units
+    pad differently in Megatron and vLLM: they travel whole (`to_hf`)."""
+    if unit.kind == "vocab":
+        raise ValueError(f"{unit.megatron}: vocabulary units travel whole, not as shards")
+    local = replace(arch, num_heads=arch.num_heads // tp_size, num_kv_heads=arch.num_kv_heads // tp_size)
+    return to_hf(unit, local, [shard])
 
 
 def hf_shapes(unit: Unit, arch: Arch, shard: torch.Tensor, tp_size: int) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,7 @@
 """The megatron learner's weights going out: exported to the engines bucket by bucket
 (one gather of the TP shards per bucket, on TP rank 0, which converts them to HF
-tensors and sends them), and saved as an HF checkpoint directory in shards; a
+tensors and sends them; or, in a group of per-rank senders, each TP rank converting
+and sending its own shards, with no gather), and saved as an HF checkpoint directory in shards; a
 checkpoint read back into the TP shards.
 
 A mixin of MegatronLearner: it uses the learner's arch, units, params, TP/DP ranks
@@ -15,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from rlloop.learner.hf_megatron import Unit, to_hf
+from rlloop.learner.hf_megatron import Unit, to_hf, to_hf_shard
 from rlloop.weights.group import WeightGroupConfig
-from rlloop.weights.protocol import (UpdatePlan, UpdateTicket, WeightUpdateError, WeightUpdateRequest, make_plan,
-                                     resolve)
+from rlloop.weights.protocol import (ParameterInfo, UpdatePlan, UpdateTicket, WeightUpdateError,
+                                     WeightUpdateRequest, make_plan, resolve, shard_shape)
 
 SAVE_SHARD_BYTES = 2 << 30  # per safetensors file of a saved checkpoint
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens")
@@ -91,33 +92,67 @@ class MegatronWeights:
             self._order = {plan.key: order}
         return order
 
+    def shard_hf(self, group: list[Unit]) -> dict[str, torch.Tensor]:
+        """This TP rank's shards of every unit in `group`, as HF tensors (to_hf_shard):
+        what it sends in a sharded update. Vocabulary units travel whole: one all-gather
+        over the TP group each, since Megatron and vLLM pad the vocabulary differently.
+        Every TP rank must call this with the same groups in the same order."""
+        out: dict[str, torch.Tensor] = {}
+        for u in group:
+            mine = self.params[u.megatron].detach()
+            if u.kind == "vocab":
+                parts = [torch.empty_like(mine) for _ in range(self.tp_size)]
+                dist.all_gather(parts, mine.contiguous(), group=self.tp_group)
+                out.update(to_hf(u, self.arch, parts))
+            else:
+                out.update(to_hf_shard(u, self.arch, mine, self.tp_size))
+        return out
+
+    def _sent_params(self) -> tuple[ParameterInfo, ...]:
+        """What an update carries: the HF tensors, or this rank's shards of them."""
+        if self._senders == 1:
+            return self.hf_params
+        return tuple(ParameterInfo(p.name, shard_shape(p.name, p.shape, self.tp_size), p.dtype)
+                     for p in self.hf_params)
+
     def weight_plan(self, bucket_bytes: int) -> UpdatePlan:
-        """The HF update plan, in the engines' names and shapes; computed once."""
-        if self._plan is None:
-            self._plan = make_plan(list(self.hf_params), bucket_bytes, partial=bool(self.frozen_units))
+        """The HF update plan, in the engines' names and shapes (shard shapes in a group
+        of per-rank senders; every rank's plan is the same); computed once per group kind."""
+        params = self._sent_params()
+        if self._plan is None or self._plan.params != params:
+            self._plan = make_plan(list(params), bucket_bytes, partial=bool(self.frozen_units))
         return self._plan
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
+        """Rank 0 is the one sender (other ranks feed it through gather_hf), or, with
+        cfg.senders = TP size, every TP rank of DP rank 0 sends its own shards."""
         from rlloop.weights.sender import WeightSender
 
-        if self.rank == 0:  # the one sender; other ranks feed it through gather_hf
-            self.sender = WeightSender(cfg, self.device)
+        if cfg.senders not in (1, self.tp_size):
+            raise WeightUpdateError(f"a weight group of {cfg.senders} senders: this learner's TP size is {self.tp_size}")
+        self._senders = cfg.senders
+        if self.rank == 0 or (cfg.senders > 1 and self.dp_rank == 0):
+            self.sender = WeightSender(cfg, self.device, sender=self.tp_rank)
 
     def export(self, plan: UpdatePlan) -> Iterator[dict[str, torch.Tensor]]:
         """Per bucket of `plan`, in order, the HF tensors of the units it is the first to
-        need (WeightSender.send's shape): one gather of the TP shards per bucket, run
-        as the sender asks for the bucket. Every TP rank must run through it; ranks
-        other than TP rank 0 get {}."""
+        need (WeightSender.send's shape), as the sender asks for the bucket: one gather
+        of the TP shards per bucket, or, sharded, this rank's own shards. Every TP rank
+        must run through it; unsharded, ranks other than TP rank 0 get {}."""
         for group in self._export_order(plan):
-            yield self.gather_hf(group)
+            yield self.shard_hf(group) if self._senders > 1 else self.gather_hf(group)
 
     def send_weights(self, update: WeightUpdateRequest | UpdateTicket) -> dict:
         """Export and send `update` (a ticket names the plan of `weight_plan`)."""
         request = resolve(update, {self._plan.key: self._plan} if self._plan else {})
-        if request.plan.params != self.hf_params:
+        if request.plan.params != self._sent_params():
             raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
         sent = {}
-        if self.rank == 0:
+        if self._senders > 1:
+            if self.dp_rank == 0:  # each TP rank its own shard, to the engine workers of its TP rank
+                mine = WeightUpdateRequest(request.version, request.plan, self.tp_rank, self.tp_size)
+                sent = self.sender.send(mine, self.export(request.plan))
+        elif self.rank == 0:
             sent = self.sender.send(request, self.export(request.plan))
         elif self.dp_rank == 0:  # feed rank 0's gathers
             for _ in self.export(request.plan):

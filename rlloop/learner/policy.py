@@ -352,7 +352,7 @@ class PolicyLearner:
         if token is not None:
             from rlloop.weights.shared import remove_region
 
-            remove_region(token, plan_key)
+            remove_region(token, plan_key, getattr(self, "tp_rank", 0))  # a sharded group: a region per TP rank
 
     def apply(self, fn, *args):
         """`fn(self, *args)`: a test's or a benchmark's own code run on this rank."""

@@ -22,6 +22,10 @@ class WeightGroupConfig:
     world_size: int  # 1 sender + the total TP size of all engines
     backend: str  # "gloo" on CPU, "nccl" on GPU
     timeout_s: float = 120.0
+    # Learner TP ranks that send: 1, rank 0 with the gathered tensors; the learner's TP
+    # size, each rank its own shard to the engine workers of its TP rank (shared wires,
+    # engines of the learner's TP size; see WeightUpdateRequest).
+    senders: int = 1
     # Names this group's shared segments (shm, ipc wires). Unique per group formed, never
     # the port: a port comes back in a later run, and so would a segment's name.
     token: str = field(default_factory=lambda: secrets.token_hex(8))

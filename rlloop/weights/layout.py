@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .protocol import DTYPES, UpdatePlan
+from .protocol import DTYPES, UpdatePlan, WeightUpdateError, tp_dim
 
 
 class LayoutMismatch(Exception):
@@ -51,9 +51,15 @@ def build_direct_copies(
     num_kv_heads: int,
     tp_rank: int,
     tp_size: int,
+    sharded: bool = False,
 ) -> list[list[SliceCopy]]:
     """Per bucket, the slice copies that rewrite every parameter in `named_params` (of
-    a partial plan: every parameter it sends; the others are left as they are)."""
+    a partial plan: every parameter it sends; the others are left as they are).
+    `sharded`: the plan holds this rank's shards of the tensors TP splits (a sharded
+    request, see WeightUpdateRequest), copied whole; the rest are sliced as usual."""
+    if sharded and num_kv_heads < tp_size:  # Megatron, whose ranks send shards, refuses this too
+        raise WeightUpdateError(f"a sharded update needs whole KV heads per rank: {num_kv_heads} KV heads "
+                                f"over {tp_size} ranks")
     index = {p.name: i for i, p in enumerate(plan.params)}
     bucket_of = {e.param: b for b, bucket in enumerate(plan.buckets) for e in bucket.entries}
     per_bucket: list[list[SliceCopy]] = [[] for _ in plan.buckets]
@@ -84,7 +90,9 @@ def build_direct_copies(
                 continue
             if data.shape[1:] != torch.Size(src_shape[1:]):
                 raise LayoutMismatch(f"{name}: {tuple(data.shape)} vs sent {src_shape}")
-            if shard in ("k_proj", "v_proj"):
+            if sharded and tp_dim(src_name) == 0:  # this rank's rows already
+                start, length = 0, src_shape[0]
+            elif shard in ("k_proj", "v_proj"):
                 start, length = _kv_rows(src_shape[0], num_kv_heads, tp_rank, tp_size)
             elif len(sources) == 1:
                 # Replicated, column-parallel or vocab-parallel (padded rows stay as they are).
@@ -119,6 +127,19 @@ def _sources(name: str, index: dict[str, int], packed: dict[str, list[str]], par
     if fused in packed:
         return [(shard, f"{parent}.{shard}.{leaf}") for shard in packed[fused]]
     raise LayoutMismatch(f"{name}: no checkpoint tensor maps to this parameter")
+
+
+def as_full(name: str, shard: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """A tensor of the checkpoint's full shape holding TP rank `tp_rank`'s shard where
+    that rank reads it (zeros elsewhere): how a sharded update reaches vLLM's loader,
+    which cuts its rank's part out of full checkpoint tensors."""
+    dim = tp_dim(name)
+    if dim is None or tp_size == 1:
+        return shard
+    n = shard.shape[dim]
+    full = shard.new_zeros((*shard.shape[:dim], n * tp_size, *shard.shape[dim + 1:]))
+    full.narrow(dim, tp_rank * n, n).copy_(shard)
+    return full
 
 
 def bucket_view(buffer: torch.Tensor, plan: UpdatePlan, param: int, offset: int) -> torch.Tensor:

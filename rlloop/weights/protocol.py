@@ -105,7 +105,11 @@ class WeightUpdateRequest:
     """One in-flight update: the weights of `version`, laid out as `plan`.
 
     `tp_rank`/`tp_size` name the learner tensor-parallel rank that sends it; a full
-    (unsharded) update is tp_rank=0, tp_size=1.
+    (unsharded) update is tp_rank=0, tp_size=1. With tp_size > 1 the update is sharded:
+    each of the learner's tp_size ranks sends its own request, alike but for tp_rank,
+    whose plan holds that rank's shard of every tensor tensor parallelism splits
+    (`tp_dim`; the others whole), and an engine of the same TP size takes them all:
+    its worker w copies learner rank w's shard. The engine is addressed with rank 0's.
     """
 
     version: int
@@ -140,6 +144,30 @@ def resolve(update: WeightUpdateRequest | UpdateTicket, plans: Mapping[str, Upda
         raise WeightUpdateError(f"update v{update.version} names plan {update.plan_key!r}, which this receiver "
                                 "has not been given: send its WeightUpdateRequest (prepare_update) first")
     return WeightUpdateRequest(update.version, plan, update.tp_rank, update.tp_size)
+
+
+# Which dimension of a Llama-family checkpoint tensor tensor parallelism splits: the
+# output rows of column-parallel layers, the input columns of row-parallel ones. Norms
+# and biases of row-parallel layers are whole on every rank; embeddings and the output
+# layer travel whole too (each engine pads and splits its vocabulary its own way).
+_TP_DIMS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
+
+
+def tp_dim(name: str) -> int | None:
+    """The dimension of checkpoint tensor `name` that a sharded update splits, or None."""
+    module, _, leaf = name.rpartition(".")
+    dim = _TP_DIMS.get(module.rpartition(".")[2])
+    return None if dim == 1 and leaf == "bias" else dim
+
+
+def shard_shape(name: str, shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+    """The shape of one TP rank's shard of checkpoint tensor `name`."""
+    dim = tp_dim(name)
+    if dim is None or tp_size == 1:
+        return tuple(shape)
+    if shape[dim] % tp_size:
+        raise WeightUpdateError(f"{name}: dimension {dim} ({shape[dim]}) does not split over {tp_size} TP ranks")
+    return tuple(n // tp_size if d == dim else n for d, n in enumerate(shape))
 
 
 def check_version(version: int, current_version: int) -> None:
@@ -210,8 +238,10 @@ def validate_request(
     schema: dict[str, ParameterInfo],
     current_version: int,
     groups: Mapping[str, frozenset[str]] | None = None,
+    tp_size: int = 1,
 ) -> None:
-    """Raise WeightUpdateError unless `request` fits the model described by `schema`.
+    """Raise WeightUpdateError unless `request` fits the model described by `schema`,
+    served at tensor-parallel size `tp_size` (a sharded request must match it).
 
     `schema` holds every tensor of the model's checkpoint, tied aliases such as
     lm_head.weight included: vLLM on CPU keeps a separately packed copy of a tied
@@ -219,11 +249,10 @@ def validate_request(
     leave tensors out, but only whole `groups` (load_groups; without them, any subset).
     """
     check_version(request.version, current_version)
-    if request.tp_size != 1 or request.tp_rank != 0:
+    if request.tp_size not in (1, tp_size) or not 0 <= request.tp_rank < request.tp_size:
         raise WeightUpdateError(
-            "engines take full (unsharded) checkpoint tensors: expected tp_rank=0, "
-            f"tp_size=1, got tp_rank={request.tp_rank}, tp_size={request.tp_size}"
-        )
+            f"update v{request.version} is sharded over tp_size={request.tp_size} (tp_rank={request.tp_rank}): "
+            f"this engine takes full tensors (tp_size=1) or shards of its own TP size, {tp_size}")
     problems: list[str] = []
     sent = set()
     for p in request.plan.params:
@@ -234,8 +263,14 @@ def validate_request(
         if want is None:
             problems.append(f"unknown parameter {p.name!r}")
             continue
-        if tuple(p.shape) != tuple(want.shape):
-            problems.append(f"{p.name}: shape {tuple(p.shape)} != model's {tuple(want.shape)}")
+        try:
+            shape = shard_shape(p.name, want.shape, request.tp_size)
+        except WeightUpdateError as e:
+            problems.append(str(e))
+            continue
+        if tuple(p.shape) != shape:
+            of = f"model's TP-{request.tp_size} shard" if request.tp_size > 1 else "model's"
+            problems.append(f"{p.name}: shape {tuple(p.shape)} != {of} {shape}")
         if p.dtype != want.dtype:
             problems.append(f"{p.name}: dtype {p.dtype} != model's {want.dtype}")
     missing = sorted(set(schema) - sent)

@@ -23,7 +23,7 @@ import torch
 
 from .group import (WeightGroupConfig, broadcast_async, join_weight_group, synchronize,
                     wire_device)
-from .layout import LayoutMismatch, bucket_view, bucket_views, build_direct_copies, copy_all
+from .layout import LayoutMismatch, as_full, bucket_view, bucket_views, build_direct_copies, copy_all
 from .protocol import UpdatePlan, WeightUpdateError, WeightUpdateRequest, unpack
 from .shared import SHARED_WIRES, OpenedRegion
 
@@ -34,8 +34,9 @@ class _PlanState:
     """What a worker derives from one plan, once: buffers and, for direct mode, copies."""
 
     def __init__(self, plan: UpdatePlan, mode: str, buffers: list[torch.Tensor], copies, reason: str = "",
-                 region: OpenedRegion | None = None):
+                 region: OpenedRegion | None = None, shard: tuple[int, int] | None = None):
         self.plan = plan
+        self.shard = shard  # a sharded plan: (this worker's TP rank, TP size), whose shards it holds
         self.mode = mode
         self.buffers = buffers  # bucket i arrives in (or, shared, is) buffers[i % len(buffers)]
         self.copies = copies
@@ -87,13 +88,15 @@ class WeightReceiver:
         """Build (once per plan) this worker's buffers and copy plan; returns the mode."""
         return self._rl_plan_state(unpack(request), mode).mode
 
-    def rl_receive(self, plan_key: str, version: int, mode: str = "auto", load: bool = True) -> dict:
-        """Receive `version` of the prepared plan `plan_key` from rank 0 and load it.
-        `load=False` only receives the bytes (the benchmark's floor). Returns timings
-        in ms, measured on this worker."""
-        state = self._rl_plans.get(f"{plan_key}/{mode}")
+    def rl_receive(self, plan_key: str, version: int, mode: str = "auto", load: bool = True,
+                   tp_size: int = 1) -> dict:
+        """Receive `version` of the prepared plan `plan_key` (sent whole, or sharded over
+        `tp_size` learner ranks) and load it. `load=False` only receives the bytes (the
+        benchmark's floor). Returns timings in ms, measured on this worker."""
+        state = self._rl_plans.get(_state_key(plan_key, mode, tp_size))
         if state is None:
-            raise WeightUpdateError(f"plan {plan_key!r} ({mode}) was not prepared on this worker (rl_prepare)")
+            raise WeightUpdateError(f"plan {plan_key!r} ({mode}, tp_size {tp_size}) was not prepared on this "
+                                    "worker (rl_prepare)")
         plan = state.plan
         t0 = time.perf_counter()
         if state.region is not None and not load:
@@ -118,7 +121,7 @@ class WeightReceiver:
     def _rl_plan_state(self, request: WeightUpdateRequest, mode: str) -> _PlanState:
         if mode not in RECEIVE_MODES:
             raise ValueError(f"receive mode {mode!r} not in {RECEIVE_MODES}")
-        key = f"{request.plan.key}/{mode}"
+        key = _state_key(request.plan.key, mode, request.tp_size)
         state = self._rl_plans.get(key)
         if state is None:
             if self._rl_group is None:  # shared wire: the sender keeps one plan's region
@@ -128,11 +131,11 @@ class WeightReceiver:
             self._rl_plans[key] = state
         return state
 
-    def _rl_bucket_buffers(self, plan: UpdatePlan, mode: str):
+    def _rl_bucket_buffers(self, plan: UpdatePlan, mode: str, sender: int):
         """Where buckets land: two alternating buffers (direct), one per bucket
-        (checkpoint), or, on a shared wire, views of the sender's region."""
+        (checkpoint), or, on a shared wire, views of the region of `sender`."""
         if self._rl_group is None:
-            region = OpenedRegion(self._rl_cfg.token, plan.key, self.device)
+            region = OpenedRegion(self._rl_cfg.token, plan.key, self.device, sender)
             if region.tensors is not None:
                 return None, region
             return [region.buffer[s:s + b.nbytes] for s, b in zip(plan.bucket_starts(), plan.buckets)], region
@@ -143,12 +146,20 @@ class WeightReceiver:
         return [torch.empty(b.nbytes, dtype=torch.uint8, device=self._rl_wire) for b in plan.buckets], None
 
     def _rl_build_plan_state(self, request: WeightUpdateRequest, mode: str) -> _PlanState:
+        from vllm.distributed.parallel_state import get_tp_group
+
         plan = request.plan
         reason = ""
+        shard = None
+        if request.tp_size > 1:  # sharded: this worker takes the shard of the learner rank of its TP rank
+            if self._rl_group is not None:
+                raise WeightUpdateError("a sharded update travels on a shared wire (shm, ipc), one region per rank")
+            shard = (get_tp_group().rank_in_group, request.tp_size)
+        sender = shard[0] if shard else 0
         if mode in ("auto", "direct"):
             try:
                 per_bucket = self._rl_direct_copies(request)
-                buffers, region = self._rl_bucket_buffers(plan, "direct")
+                buffers, region = self._rl_bucket_buffers(plan, "direct", sender)
                 # Source views are fixed too: bucket i always lands in buffer i % len(buffers)
                 # (in place: each parameter is the sender's own tensor).
                 copies = []
@@ -158,13 +169,13 @@ class WeightReceiver:
                              bucket_view(buffers[i % len(buffers)], plan, c.param, offsets[c.param]))
                             .narrow(c.dim, c.start, c.length) for c in bucket_copies]
                     copies.append(([c.dst for c in bucket_copies], srcs))
-                return _PlanState(plan, "direct", buffers, copies, region=region)
+                return _PlanState(plan, "direct", buffers, copies, region=region, shard=shard)
             except LayoutMismatch as e:
                 if mode == "direct":
                     raise
                 reason = str(e)
-        buffers, region = self._rl_bucket_buffers(plan, "checkpoint")
-        return _PlanState(plan, "checkpoint", buffers, None, reason, region)
+        buffers, region = self._rl_bucket_buffers(plan, "checkpoint", sender)
+        return _PlanState(plan, "checkpoint", buffers, None, reason, region, shard)
 
     def _rl_direct_copies(self, request: WeightUpdateRequest):
         from vllm.distributed.parallel_state import get_tp_group
@@ -181,6 +192,7 @@ class WeightReceiver:
             getattr(hf, "num_key_value_heads", hf.num_attention_heads),
             tp.rank_in_group,
             tp.world_size,
+            sharded=request.tp_size > 1,
         )
 
     def _rl_receive_direct(self, state: _PlanState, version: int) -> None:
@@ -201,10 +213,14 @@ class WeightReceiver:
 
     def _rl_receive_checkpoint(self, state: _PlanState, version: int) -> None:
         plan = state.plan
+
+        def full(name: str, t: torch.Tensor) -> torch.Tensor:  # vLLM's loader cuts its rank's part itself
+            return as_full(name, t, *state.shard) if state.shard else t
+
         if state.region is not None:
             state.region.check(version)
             if state.region.tensors is not None:  # in place: the sender's own tensors
-                weights = zip((p.name for p in plan.params), state.region.tensors)
+                weights = ((p.name, full(p.name, t)) for p, t in zip(plan.params, state.region.tensors))
                 with _quiet_partial_reload(plan):
                     self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
                 return
@@ -215,10 +231,15 @@ class WeightReceiver:
                 if work is not None:
                     work.wait()
                 for param, view in bucket_views(state.buffers[i], plan, i):
-                    yield plan.params[param].name, view
+                    name = plan.params[param].name
+                    yield name, full(name, view)
 
         with _quiet_partial_reload(plan):
             self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+
+
+def _state_key(plan_key: str, mode: str, tp_size: int) -> str:
+    return f"{plan_key}/{mode}/{tp_size}"
 
 
 @contextlib.contextmanager

@@ -23,13 +23,19 @@ from .shared import SHARED_WIRES, SharedRegion
 
 
 class WeightSender:
-    def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu", in_place: bool = False):
+    def __init__(self, cfg: WeightGroupConfig, device: torch.device | str = "cpu", in_place: bool = False,
+                 sender: int = 0):
+        """`sender`: the learner TP rank this sender shares the shard of (a sharded
+        update: cfg.senders > 1, shared wires only)."""
         self.cfg = cfg
+        self.sender = sender
         self.device = torch.device(device)
         self.shared = cfg.backend in SHARED_WIRES
         self.in_place = in_place and cfg.backend == "ipc"
         if cfg.backend == "ipc" and self.device.type != "cuda":
             raise WeightUpdateError(f"ipc wire: the sender is on {self.device}, not a GPU (use shm on CPU)")
+        if sender and not self.shared:
+            raise WeightUpdateError(f"sender {sender}: only shared wires (shm, ipc) have one sender per TP rank")
         self.group = None if self.shared else join_weight_group(cfg, rank=0)
         self._buffers: dict[str, list[torch.Tensor]] = {}
         self._region: tuple[str, SharedRegion] | None = None
@@ -50,7 +56,7 @@ class WeightSender:
             if self._region is not None:
                 self._region[1].close()
             self._region = (plan.key, SharedRegion(self.cfg.backend, self.cfg.token, plan,
-                                                   self.device, tensors if self.in_place else None))
+                                                   self.device, tensors if self.in_place else None, self.sender))
         return self._region[1]
 
     def check(self, request: WeightUpdateRequest, tensors: Mapping[str, torch.Tensor]) -> None:

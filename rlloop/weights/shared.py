@@ -35,8 +35,9 @@ SHARED_WIRES = ("shm", "ipc")
 _HEADER = struct.Struct("<qq")  # version stamp, descriptor length
 
 
-def mailbox_name(token: str, plan_key: str) -> str:
-    return f"rlloop-{token}-{plan_key}"
+def mailbox_name(token: str, plan_key: str, sender: int = 0) -> str:
+    """`sender`: the learner TP rank whose shard a sharded update's region holds."""
+    return f"rlloop-{token}-{plan_key}" + (f"-{sender}" if sender else "")
 
 
 def _open_segment(name: str) -> shared_memory.SharedMemory:
@@ -59,8 +60,9 @@ class SharedRegion:
     (ipc, `tensors` given) the tensors themselves, and the mailbox."""
 
     def __init__(self, wire: str, token: str, plan: UpdatePlan, device: torch.device,
-                 tensors: Mapping[str, torch.Tensor] | None = None):
+                 tensors: Mapping[str, torch.Tensor] | None = None, sender: int = 0):
         self.wire = wire
+        name = mailbox_name(token, plan.key, sender)
         self._data_segment = None
         self.buffer = None
         self.pointers = None
@@ -74,7 +76,7 @@ class SharedRegion:
             opener = {"kind": "tensors", "ipc_args": [reduce_tensor(t)[1] for t in shared],
                       "uuid": device_uuid(device)}
         elif wire == "shm":
-            self._data_segment = shared_memory.SharedMemory(name=f"{mailbox_name(token, plan.key)}-data",
+            self._data_segment = shared_memory.SharedMemory(name=f"{name}-data",
                                                             create=True, size=max(plan.bucket_bytes, 1))
             self.buffer = torch.frombuffer(self._data_segment.buf, dtype=torch.uint8, count=plan.bucket_bytes)
             opener = {"kind": "buckets", "segment": self._data_segment.name}
@@ -84,7 +86,7 @@ class SharedRegion:
             self.buffer = torch.empty(plan.bucket_bytes, dtype=torch.uint8, device=device)
             opener = {"kind": "buckets", "ipc_args": reduce_tensor(self.buffer)[1], "uuid": device_uuid(device)}
         descriptor = pickle.dumps({"wire": wire, "nbytes": plan.bucket_bytes, **opener})
-        self.mailbox = shared_memory.SharedMemory(name=mailbox_name(token, plan.key), create=True,
+        self.mailbox = shared_memory.SharedMemory(name=name, create=True,
                                                   size=_HEADER.size + len(descriptor))
         _HEADER.pack_into(self.mailbox.buf, 0, 0, len(descriptor))
         self.mailbox.buf[_HEADER.size:_HEADER.size + len(descriptor)] = descriptor
@@ -114,8 +116,8 @@ class SharedRegion:
 class OpenedRegion:
     """A worker's side: the sender's region for one plan, mapped once."""
 
-    def __init__(self, token: str, plan_key: str, device: torch.device):
-        name = mailbox_name(token, plan_key)
+    def __init__(self, token: str, plan_key: str, device: torch.device, sender: int = 0):
+        name = mailbox_name(token, plan_key, sender)
         try:
             self.mailbox = _open_segment(name)
         except FileNotFoundError:
@@ -169,12 +171,12 @@ def _unlink_name(name: str) -> None:
         pass
 
 
-def remove_region(token: str, plan_key: str) -> None:
+def remove_region(token: str, plan_key: str, sender: int = 0) -> None:
     """Remove a region's names whoever created it: a re-formed group's members call it
     for the old group, so a sender that died without closing, and whose workers died
     too, leaves nothing behind. The mailbox names the data segment (shm)."""
     try:
-        mailbox = _open_segment(mailbox_name(token, plan_key))
+        mailbox = _open_segment(mailbox_name(token, plan_key, sender))
     except FileNotFoundError:
         return
     _, length = _HEADER.unpack_from(mailbox.buf, 0)
