@@ -1,7 +1,7 @@
 """A run on a Ray cluster of several nodes (simulated on this machine with
 ray.cluster_utils.Cluster: each node its own raylet, with its own custom resources):
-roles pinned to nodes, the learner's and the engines' nodes lost mid-run, and a run
-that asks for more than the cluster has."""
+roles pinned to nodes, the learner's and the engines' nodes lost mid-run, engines
+colocated with learner ranks, and a run that asks for more than the cluster has."""
 import json
 import os
 import subprocess
@@ -80,4 +80,32 @@ def test_a_run_across_nodes_keeps_its_placement_and_survives_losing_its_nodes(tm
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
+        cluster.shutdown()
+
+
+def test_colocated_engines_run_on_their_learner_rank_s_gpu_and_take_its_weights(tmp_path):
+    """learner.gpus=0.5 and engines.num_gpus=0.5 on a node of two GPUs (declared: this
+    machine has none): each DP rank's bundle is one GPU, engine i runs in rank i's and
+    takes its weights from DP replica i (CUDA IPC on GPUs, its shared-memory twin
+    here); the run trains with full batches."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    out = tmp_path / "run"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rlloop.train", "+conf=grpo", f"output_dir={out}", "name=colocated", "seed=0",
+             f"ray.address={cluster.address}", "learner.data_parallel_size=2", "learner.gpus=0.5",
+             "engines.count=2", "engines.num_gpus=0.5", "trainer.steps=4", "trainer.sft_steps=2"],
+            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        gpus = summary["gpus"]
+        assert gpus["learner/0"] == gpus["engine/0"] and gpus["learner/1"] == gpus["engine/1"], gpus
+        assert gpus["learner/0"] != gpus["learner/1"], gpus
+        assert summary["weight_group"] == {"backend": "shm", "senders": 1, "replicas": 2}, summary
+        rows = _rows(out / "metrics.jsonl")
+        assert len(rows) == 4 and all(r["generated"] == 32 * 8 for r in rows)
+        assert [r["weight_version"] for r in rows] == sorted(r["weight_version"] for r in rows)
+    finally:
         cluster.shutdown()

@@ -21,6 +21,11 @@ def test_auto_backend_follows_placement():
     assert auto_backend(gpu0, [gpu0]) == "ipc"
     assert auto_backend(gpu0, [gpu0, {"node": "a", "gpus": [1]}]) == "nccl"
     assert auto_backend(gpu0, [{"node": "b", "gpus": [0]}]) == "nccl"
+    gpu1 = {"node": "a", "gpus": [1]}
+    assert auto_backend([gpu0, gpu1], [gpu0, gpu1]) == "ipc"  # each engine beside the replica that serves it
+    assert auto_backend([gpu0, gpu0], [gpu0, gpu1]) == "nccl"
+    declared = {"node": "a", "gpus": [0], "cuda": False}  # a simulated cluster's GPUs on a CPU machine
+    assert auto_backend([declared], [declared]) == "shm"
 
 
 def test_learner_tp_ranks_send_their_own_shards_only_where_each_shares_its_worker_s_host_or_gpu():

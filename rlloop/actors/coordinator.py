@@ -85,10 +85,11 @@ class Coordinator:
             raise
         summary = write_run_report(self.history, cfg.name, self.out, {
             "wall_s": time.perf_counter() - t_start, "weight_version": self.fleet.version,
-            "weights_backend": self.fleet.wire, "dropped_stale": self.rollouts.dropped_stale,
+            "dropped_stale": self.rollouts.dropped_stale,
             **self.fleet.counters(), "restored_learner_steps": self.fleet.restored_learner_steps,
             "requests_reissued": self.rollouts.requests_reissued, "sft_checks": self.sft_checks,
-            "placement": self.fleet.nodes()})
+            "placement": self.fleet.nodes(), "gpus": self.fleet.nodes("gpus"),
+            "weight_group": self.fleet.weight_group()})
         trackers.close(plot=self.out / "reward.png")
         return summary
 

@@ -218,12 +218,13 @@ class GenerationEngine:
 
     # --- weights ----------------------------------------------------------------------
 
-    async def init_weight_group(self, cfg: WeightGroupConfig, rank_offset: int) -> list[int]:
-        """Join the weight group: worker w of this engine becomes rank rank_offset + w."""
+    async def init_weight_group(self, cfg: WeightGroupConfig, rank_offset: int, replica: int = 0) -> list[int]:
+        """Join the weight group: worker w of this engine becomes rank rank_offset + w,
+        and takes its weights from learner DP replica `replica` (cfg.replicas)."""
         self._plans.clear()
         self._prepared.clear()
         self._shared_wire = cfg.backend in SHARED_WIRES
-        return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset))
+        return await self.llm.collective_rpc("rl_join_weight_group", args=(pack(cfg), rank_offset, replica))
 
     async def leave_weight_group(self) -> None:
         await self.llm.collective_rpc("rl_leave_weight_group")
@@ -505,12 +506,14 @@ def engine_gpus(config: EngineConfig, num_gpus: float | None) -> float:
 
 
 def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float | None = None,
-                 max_restarts: int = 0, cls: type = GenerationEngine, node_resource: str | None = None):
+                 max_restarts: int = 0, cls: type = GenerationEngine, node_resource: str | None = None,
+                 bundle=None):
     """Start a GenerationEngine (or a subclass, `cls`) Ray actor; on GPU it reserves
     tensor_parallel_size GPUs.
     With max_restarts, Ray restarts a dead engine (on its initial weights, outside the
     weight group): whoever drives it must re-form the group and resend (Fleet). Engines
-    spread over the nodes (those with `node_resource`, if given)."""
+    spread over the nodes (those with `node_resource`, if given), or go into `bundle` (a
+    placement group's scheduling strategy: a colocated learner rank's GPU)."""
     import ray
 
     from rlloop.actors.placement import engine_options
@@ -519,7 +522,7 @@ def engine_actor(config: EngineConfig, name: str | None = None, num_gpus: float 
 
     opts = dict(num_cpus=0, num_gpus=num_gpus, max_concurrency=1000, max_restarts=max_restarts,
                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
-                **engine_options(node_resource))
+                **(engine_options(node_resource) if bundle is None else {"scheduling_strategy": bundle}))
     if name:
         opts["name"] = name
     return ray.remote(cls).options(**opts).remote(config)

@@ -17,7 +17,7 @@ import ray
 from rlloop.actors.engine import engine_actor, engine_gpus
 from rlloop.actors.learner_group import LearnerGroup
 from rlloop.actors.liveness import ACTOR_GONE, ACTOR_TROUBLE, wait_ready
-from rlloop.actors.placement import check_capacity
+from rlloop.actors.placement import check_capacity, colocated
 from rlloop.actors.weight_sync import (UpdatePusher, auto_backend, join_engines, per_rank_senders,
                                        weight_group_config)
 from rlloop.learner.policy import Sample
@@ -36,10 +36,15 @@ class Fleet:
         ranks = learner.tensor_parallel_size * learner.data_parallel_size if learner.backend == "megatron" else 1
         check_capacity({"engines": e.count * engine_gpus(e.engine, e.num_gpus), "learner": ranks * learner.gpus},
                        {"engines.node_resource": e.node_resource, "learner.node_resource": learner.node_resource})
+        self.learner_tp = learner.tensor_parallel_size if learner.backend == "megatron" else 1
+        self.colocated = colocated(learner.gpus, ranks, self.learner_tp, e.num_gpus, e.count,
+                                   e.engine.tensor_parallel_size)
+        # Colocated: each learner rank's bundle is a whole GPU, and engine i joins bundle i % ranks.
+        self.learner = LearnerGroup(cfg.learner, cfg.name, bundle_gpus=1 if self.colocated else None)
         self.engines = [engine_actor(e.engine, name=f"{cfg.name}/engine/{i}", num_gpus=e.num_gpus,
-                                     max_restarts=e.max_restarts, node_resource=e.node_resource)
+                                     max_restarts=e.max_restarts, node_resource=e.node_resource,
+                                     bundle=self.learner.ranks.strategy(i % ranks) if self.colocated else None)
                         for i in range(e.count)]
-        self.learner = LearnerGroup(cfg.learner, cfg.name)
         self.version = 0  # of the weights the engines serve
         self.failures = 0
         self.learner_restores = 0  # failures after which the learner came back from its last checkpoint
@@ -58,11 +63,16 @@ class Fleet:
     def _bucket_bytes(self) -> int:
         return int(self.cfg.weights.bucket_mb * 2**20)
 
-    def nodes(self) -> dict[str, str]:
-        """Each actor's node: {"learner/0": id, ..., "engine/0": id, ...}."""
+    def nodes(self, key: str = "node") -> dict:
+        """Each actor's node: {"learner/0": id, ..., "engine/0": id, ...} (key="gpus":
+        the GPUs Ray gave each)."""
         engines = ray.get([e.ready.remote() for e in self.engines])
-        return {**{f"learner/{r}": n for r, n in enumerate(self.learner.nodes())},
-                **{f"engine/{i}": info["node"] for i, info in enumerate(engines)}}
+        return {**{f"learner/{r}": p[key] for r, p in enumerate(self.learner.placements())},
+                **{f"engine/{i}": info[key] for i, info in enumerate(engines)}}
+
+    def weight_group(self) -> dict:
+        """How weights travel: the wire, the learner TP ranks and DP replicas that send."""
+        return {"backend": self.wire, "senders": self.group.senders, "replicas": self.group.replicas}
 
     def counters(self) -> dict:
         return {"failures": self.failures, "learner_restores": self.learner_restores}
@@ -127,17 +137,20 @@ class Fleet:
         cfg = self.cfg
         engines = ray.get([e.ready.remote() for e in self.engines])
         ranks = self.learner.placements()
+        # Colocated engines take their weights from the learner replica on their GPU.
+        replicas = min(len(ranks), len(engines)) if self.colocated and self.learner_tp == 1 else 1
         self.wire = cfg.weights.backend
         if self.wire == "auto":
-            self.wire = auto_backend(ranks[0], engines)
+            self.wire = auto_backend([ranks[i % replicas] for i in range(len(engines))], engines)
+        if self.wire not in SHARED_WIRES:
+            replicas = 1  # a broadcast wire has one sender
         engine_tp = cfg.engines.engine.tensor_parallel_size
         tp = [engine_tp] * len(self.engines)
-        learner_tp = cfg.learner.tensor_parallel_size if cfg.learner.backend == "megatron" else 1
-        senders = per_rank_senders(self.wire, learner_tp, ranks, engine_tp, engines)
+        senders = per_rank_senders(self.wire, self.learner_tp, ranks, engine_tp, engines)
         # The sender (learner rank 0) serves the rendezvous, at its node's address.
         host, port = self.learner.ranks.rendezvous()
         self.group = weight_group_config(tp, self.wire, host=host, port=port, timeout_s=cfg.weights.timeout_s,
-                                         senders=senders)
+                                         senders=senders, replicas=replicas)
         members = {**{f"learner/{r}": ref for r, ref in enumerate(self.learner.join_weight_group(self.group))},
                    **{f"engine/{i}": ref for i, ref in enumerate(join_engines(self.engines, tp, self.group))}}
         _, pending = ray.wait(list(members.values()), num_returns=len(members), timeout=cfg.weights.timeout_s)

@@ -17,11 +17,13 @@ from rlloop.weights.protocol import UpdatePlan, UpdateTicket, WeightUpdateReques
 
 
 class LearnerGroup:
-    def __init__(self, cfg: LearnerConfig, name: str):
+    def __init__(self, cfg: LearnerConfig, name: str, bundle_gpus: float | None = None):
+        """`bundle_gpus`: each rank's bundle holds that many GPUs, for colocated engines
+        to join it (placement.colocated)."""
         if cfg.backend not in ("hf", "megatron"):
             raise ValueError(f"learner backend {cfg.backend!r}: expected hf or megatron")
         world = cfg.tensor_parallel_size * cfg.data_parallel_size if cfg.backend == "megatron" else 1
-        self.ranks = PackedRanks(name, world, cfg.gpus, cfg.node_resource)  # all on one node
+        self.ranks = PackedRanks(name, world, cfg.gpus, cfg.node_resource, bundle_gpus=bundle_gpus)  # one node
         if cfg.backend == "hf":
             from rlloop.learner.hf_learner import HFLearner
 
@@ -111,9 +113,6 @@ class LearnerGroup:
         """Each rank's node and GPUs (weight_sync.placement), in rank order."""
         return ray.get([a.placement.remote() for a in self.actors])
 
-    def nodes(self) -> list[str]:
-        """Each rank's node id."""
-        return [p["node"] for p in self.placements()]
 
     def kill(self) -> None:
         """End every rank and free their placement on the cluster."""

@@ -5,6 +5,10 @@
   torch.distributed rendezvous, at an address the other ranks can reach.
 - Engines are spread over the nodes (Ray's SPREAD strategy); a restarted engine goes
   wherever there is room again.
+- Colocated (`colocated`: engines and learner ranks take fractions of a GPU that fit in
+  one, as `learner.gpus=0.5 engines.num_gpus=0.5`): each learner rank's bundle is one
+  whole GPU and engine i goes into bundle i % ranks, beside rank i's share; a
+  restarted engine comes back in its bundle.
 - `learner.node_resource` / `engines.node_resource` pin a role to the nodes that
   carry that custom resource (`ray start --resources='{"engine_node": 8}'`).
 - The coordinator runs on the driver's node.
@@ -43,12 +47,32 @@ def check_capacity(gpus: dict[str, float], resources: dict[str, str | None]) -> 
                                 f"{resource!r} (custom resources there: {custom or 'none'})")
 
 
+def colocated(learner_gpus: float, ranks: int, learner_tp: int, engine_gpus: float | None, engines: int,
+              engine_tp: int) -> bool:
+    """Whether engines share the learner ranks' GPUs: both take fractions, and each GPU
+    holds a rank and its share of the engines (engine i beside rank i % ranks). A
+    colocated engine takes its weights from the learner rank on its GPU, so one beside
+    another than rank 0 needs a TP=1 learner (whose DP replicas each hold the model)."""
+    if not (learner_gpus and engine_gpus) or learner_gpus + -(-engines // ranks) * engine_gpus > 1 + 1e-9:
+        return False
+    if engine_tp != 1:
+        raise CapacityError(f"engines.tensor_parallel_size={engine_tp}: a colocated engine (engines.num_gpus="
+                            f"{engine_gpus:g} beside learner.gpus={learner_gpus:g}) runs on one GPU")
+    if engines > 1 and learner_tp > 1:
+        raise CapacityError(f"engines.count={engines} colocated with a learner of tensor_parallel_size="
+                            f"{learner_tp}: an engine beside rank r takes its weights from rank r, which holds "
+                            "the whole model only at learner.tensor_parallel_size=1 (use data_parallel_size)")
+    return True
+
+
 class PackedRanks:
-    """A STRICT_PACK placement group of `ranks` bundles: one node for all of them."""
+    """A STRICT_PACK placement group of `ranks` bundles: one node for all of them.
+    `bundle_gpus`: GPUs per bundle when more than a rank takes (colocated engines)."""
 
     def __init__(self, name: str, ranks: int, gpus_per_rank: float, node_resource: str | None,
-                 timeout_s: float = 120):
-        bundle = {"CPU": BUNDLE_CPU, **({"GPU": gpus_per_rank} if gpus_per_rank else {}),
+                 timeout_s: float = 120, bundle_gpus: float | None = None):
+        gpus = bundle_gpus or gpus_per_rank
+        bundle = {"CPU": BUNDLE_CPU, **({"GPU": gpus} if gpus else {}),
                   **({node_resource: PIN} if node_resource else {})}
         self.group = placement_group([dict(bundle) for _ in range(ranks)], strategy="STRICT_PACK",
                                      name=f"{name}/learner")

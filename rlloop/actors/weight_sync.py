@@ -18,16 +18,19 @@ from rlloop.weights.shared import SHARED_WIRES
 
 
 def weight_group_config(tp_sizes: Sequence[int], backend: str, host: str | None = None,
-                        timeout_s: float = 120.0, port: int | None = None, senders: int = 1) -> WeightGroupConfig:
+                        timeout_s: float = 120.0, port: int | None = None, senders: int = 1,
+                        replicas: int = 1) -> WeightGroupConfig:
     """Sender = rank 0, at `host:port` (default: this node, a free port); engine e's
-    workers follow those of engines < e. `senders`: see WeightGroupConfig."""
+    workers follow those of engines < e. `senders`, `replicas`: see WeightGroupConfig."""
     host = host or ray.util.get_node_ip_address()
-    return WeightGroupConfig(host, port or free_port(host), 1 + sum(tp_sizes), backend, timeout_s, senders)
+    return WeightGroupConfig(host, port or free_port(host), 1 + sum(tp_sizes), backend, timeout_s, senders,
+                             replicas)
 
 
 def join_engines(engines: Sequence, tp_sizes: Sequence[int], cfg: WeightGroupConfig) -> list:
+    """Engine i takes its weights from learner DP replica i % cfg.replicas."""
     offsets = [1 + sum(tp_sizes[:i]) for i in range(len(engines))]
-    return [e.init_weight_group.remote(cfg, off) for e, off in zip(engines, offsets)]
+    return [e.init_weight_group.remote(cfg, off, i % cfg.replicas) for i, (e, off) in enumerate(zip(engines, offsets))]
 
 
 def form_weight_group(engines: Sequence, tp_sizes: Sequence[int], backend: str, device="cpu",
@@ -94,9 +97,13 @@ class UpdatePusher:
 
 
 def placement() -> dict:
-    """Where the calling Ray actor runs: its node and the GPUs Ray gave it."""
+    """Where the calling Ray actor runs: its node, the GPUs Ray gave it, and whether it
+    can use them (a simulated cluster declares GPUs a CPU machine lacks)."""
+    import torch
+
     ctx = ray.get_runtime_context()
-    return {"node": ctx.get_node_id(), "gpus": sorted(int(g) for g in ray.get_gpu_ids())}
+    return {"node": ctx.get_node_id(), "gpus": sorted(int(g) for g in ray.get_gpu_ids()),
+            "cuda": torch.cuda.is_available()}
 
 
 def per_rank_senders(wire: str, learner_tp: int, ranks: Sequence[dict], engine_tp: int,
@@ -116,13 +123,15 @@ def per_rank_senders(wire: str, learner_tp: int, ranks: Sequence[dict], engine_t
     return learner_tp if together else 1
 
 
-def auto_backend(sender: dict, engines: Sequence[dict]) -> str:
-    """The wire for a sender and engines placed as `{"node": id, "gpus": [ids]}`:
-    ipc when every engine is on the sender's GPU, shm for CPU processes on one host,
-    else nccl between GPUs and gloo between hosts."""
-    same_node = all(e["node"] == sender["node"] for e in engines)
-    if not sender["gpus"]:
+def auto_backend(sender: dict | Sequence[dict], engines: Sequence[dict]) -> str:
+    """The wire for a sender and engines placed as `{"node": id, "gpus": [ids]}` (or
+    one sender per engine: colocated DP replicas): ipc when every engine is on its
+    sender's GPU, shm for CPU processes on one host, else nccl between GPUs and gloo
+    between hosts."""
+    senders = [sender] * len(engines) if isinstance(sender, dict) else list(sender)
+    same_node = all(e["node"] == s["node"] for s, e in zip(senders, engines))
+    if not senders[0]["gpus"] or not senders[0].get("cuda", True):
         return "shm" if same_node else "gloo"
-    if same_node and all(e["gpus"] == sender["gpus"] for e in engines):
+    if same_node and all(e["gpus"] == s["gpus"] for s, e in zip(senders, engines)):
         return "ipc"
     return "nccl"

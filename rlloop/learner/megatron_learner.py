@@ -123,7 +123,7 @@ class MegatronLearner(MegatronWeights, PolicyLearner):
             self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
         self.sender = None
-        self._senders = 1  # of the weight group joined (join_weight_group)
+        self._senders = self._replicas = 1  # of the weight group joined (join_weight_group)
         # What the engines receive: HF names and shapes, from shard shapes alone.
         self.hf_params = tuple(
             ParameterInfo(name, shape, dtype_name(self.dtype)) for u in self.units

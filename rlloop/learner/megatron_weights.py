@@ -124,15 +124,20 @@ class MegatronWeights:
         return self._plan
 
     def join_weight_group(self, cfg: WeightGroupConfig) -> None:
-        """Rank 0 is the one sender (other ranks feed it through gather_hf), or, with
-        cfg.senders = TP size, every TP rank of DP rank 0 sends its own shards."""
+        """Rank 0 is the one sender (other ranks feed it through gather_hf); with
+        cfg.senders = TP size every TP rank sends its own shards; with cfg.replicas DP
+        replicas, each of the first that many sends the same way (colocated engines
+        take theirs from the replica on their GPU). A sender is named by its global rank."""
         from rlloop.weights.sender import WeightSender
 
         if cfg.senders not in (1, self.tp_size):
             raise WeightUpdateError(f"a weight group of {cfg.senders} senders: this learner's TP size is {self.tp_size}")
-        self._senders = cfg.senders
-        if self.rank == 0 or (cfg.senders > 1 and self.dp_rank == 0):
-            self.sender = WeightSender(cfg, self.device, sender=self.tp_rank)
+        if cfg.replicas > self.dp_size or (cfg.replicas > 1 and cfg.senders == 1 and self.tp_size > 1):
+            raise WeightUpdateError(f"{cfg.replicas} sending replicas: this learner has {self.dp_size} DP replicas of "
+                                    f"TP size {self.tp_size} (replicas of TP > 1 send shards)")
+        self._senders, self._replicas = cfg.senders, cfg.replicas
+        if self.dp_rank < cfg.replicas and (self.tp_rank == 0 or cfg.senders > 1):
+            self.sender = WeightSender(cfg, self.device, sender=self.rank)
 
     def export(self, plan: UpdatePlan) -> Iterator[dict[str, torch.Tensor]]:
         """Per bucket of `plan`, in order, the HF tensors of the units it is the first to
@@ -148,13 +153,11 @@ class MegatronWeights:
         if request.plan.params != self._sent_params():
             raise WeightUpdateError("update request's parameters are not this learner's (see weight_plan)")
         sent = {}
-        if self._senders > 1:
-            if self.dp_rank == 0:  # each TP rank its own shard, to the engine workers of its TP rank
-                mine = WeightUpdateRequest(request.version, request.plan, self.tp_rank, self.tp_size)
-                sent = self.sender.send(mine, self.export(request.plan))
-        elif self.rank == 0:
+        if self.sender is not None:
+            if self._senders > 1:  # this rank's own shards, to the engine workers of its TP rank
+                request = WeightUpdateRequest(request.version, request.plan, self.tp_rank, self.tp_size)
             sent = self.sender.send(request, self.export(request.plan))
-        elif self.dp_rank == 0:  # feed rank 0's gathers
+        elif self.dp_rank < self._replicas:  # feed the gathers of this replica's TP rank 0
             for _ in self.export(request.plan):
                 pass
         self.sent_version = request.version

@@ -26,6 +26,10 @@ class WeightGroupConfig:
     # size, each rank its own shard to the engine workers of its TP rank (shared wires,
     # engines of the learner's TP size; see WeightUpdateRequest).
     senders: int = 1
+    # Learner DP replicas that send (shared wires): engine e takes its weights from
+    # replica e % replicas, the one on its GPU when colocated (placement.colocated).
+    # The region of the learner rank that sends is named after its global rank.
+    replicas: int = 1
     # Names this group's shared segments (shm, ipc wires). Unique per group formed, never
     # the port: a port comes back in a later run, and so would a segment's name.
     token: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -53,13 +53,14 @@ class _PlanState:
 class WeightReceiver:
     """Mixed into vLLM's Worker class; `self.model_runner` and `self.device` are vLLM's."""
 
-    def rl_join_weight_group(self, cfg: bytes, rank_offset: int) -> int:
+    def rl_join_weight_group(self, cfg: bytes, rank_offset: int, replica: int = 0) -> int:
         from vllm.distributed.parallel_state import get_world_group
 
         cfg: WeightGroupConfig = unpack(cfg)
         self.rl_leave_weight_group()  # a worker is in one weight group at a time
         rank = rank_offset + get_world_group().rank_in_group
         self._rl_cfg = cfg
+        self._rl_replica = replica  # the learner DP replica whose regions this worker maps
         self._rl_group = None if cfg.backend in SHARED_WIRES else join_weight_group(cfg, rank)
         self._rl_wire = wire_device(cfg, self.device)
         self._rl_plans: dict[str, _PlanState] = {}
@@ -155,7 +156,8 @@ class WeightReceiver:
             if self._rl_group is not None:
                 raise WeightUpdateError("a sharded update travels on a shared wire (shm, ipc), one region per rank")
             shard = (get_tp_group().rank_in_group, request.tp_size)
-        sender = shard[0] if shard else 0
+        # The sending learner rank's global rank: its replica's first, plus the shard's TP rank.
+        sender = self._rl_replica * request.tp_size + (shard[0] if shard else 0)
         if mode in ("auto", "direct"):
             try:
                 per_bucket = self._rl_direct_copies(request)
