@@ -185,15 +185,18 @@ def kv_stall(bench: Bench, n_prompts: int, max_tokens: int, vocab_hi: int) -> di
     update, one whose update keeps the KV cache, one whose update recomputes it. Per
     batch its wall time (the re-prefill of `recompute` is paid in the steps after the
     update) and the update's stall, requests in flight and tokens recomputed."""
-    out = {}
+    out = {"prompts": n_prompts}
     for kv in ("none", "keep", "recompute"):
         t0 = time.perf_counter()
         fut = generate_load(bench.engine, n_prompts, max_tokens, vocab_hi, seed=2)
-        while True:
+        deadline = t0 + 300
+        while time.perf_counter() < deadline:  # every request running, a quarter through its tokens
             s = ray.get(bench.engine.stats.remote())
             if s["in_flight"] == n_prompts and s["kv_tokens"] >= n_prompts * (16 + max_tokens // 4):
                 break
             time.sleep(0.005)
+        else:
+            raise RuntimeError(f"kv stall: {n_prompts} requests never ran at once (max_num_seqs, KV cache size?)")
         row = {}
         if kv != "none":
             ms, st, _ = bench.push(kv=kv)
@@ -329,7 +332,7 @@ def main(argv=None):
         "throughput_wire": wires[0],
         **throughput(bench, n_prompts, max_tokens, vocab_hi, args.update_every),
         "fixed_cost": fixed,
-        "kv_stall": kv_stall(bench, args.kv_prompts, max_tokens, vocab_hi),
+        "kv_stall": kv_stall(bench, min(args.kv_prompts, cfg.max_num_seqs), max_tokens, vocab_hi),
         "versions": {"vllm": __import__("vllm").__version__, "torch": torch.__version__, "ray": ray.__version__},
         "eager": cfg.enforce_eager,
     }
